@@ -1,0 +1,16 @@
+"""Backends: the DeepSeek-V3 math per array library. See `base.py` for the interface."""
+
+from __future__ import annotations
+
+from ..model.config import ModelArgs
+from .base import Backend
+
+BACKENDS = ("torch",)
+
+
+def get_backend(name: str, args: ModelArgs, dtype: str = "bfloat16", device: str = "cpu") -> Backend:
+    if name == "torch":
+        from .torch_backend import TorchBackend
+
+        return TorchBackend(args, dtype=dtype, device=device)
+    raise ValueError(f"backend '{name}' is not available; choose one of: {', '.join(BACKENDS)}")

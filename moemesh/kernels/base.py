@@ -1,0 +1,73 @@
+"""The seam between the model and the math: weight containers every backend fills, and the
+operations a backend provides. `moemesh.model` is written against this and nothing else, so a backend
+(torch today, MLX beside it) plugs in without touching loading, generation or transport.
+
+Arrays are the backend's own (torch.Tensor, mx.array); activations are 2-D [tokens, hidden].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+Array = Any  # the backend's array type
+Weight = Any  # a linear weight in the backend's resident form (dense, FP8 + block scales, ...)
+
+
+@dataclass
+class MlpWeights:
+    gate: Weight  # [inter, hidden]
+    up: Weight  # [inter, hidden]
+    down: Weight  # [hidden, inter]
+
+
+@dataclass
+class MoeWeights:
+    router: Array  # [n_routed, hidden] float32
+    bias: Array  # [n_routed] float32; shifts expert *choice* only
+    experts: dict[int, MlpWeights]  # routed experts held here, by global id
+    shared: MlpWeights | None
+
+
+@dataclass
+class AttentionWeights:
+    q_proj: Weight | None  # [heads*qk_head, hidden] when q_lora_rank is null
+    q_a_proj: Weight | None  # [q_lora, hidden]
+    q_a_bias: Array | None
+    q_a_norm: Array | None
+    q_b_proj: Weight | None  # [heads*qk_head, q_lora]
+    kv_a_proj: Weight  # [kv_lora + rope, hidden]
+    kv_a_bias: Array | None
+    kv_a_norm: Array  # [kv_lora]
+    w_uk: Array  # [heads, nope, kv_lora]: kv_b_proj's key half, folded into the query
+    w_uv: Array  # [heads, kv_lora, v]: kv_b_proj's value half, folded into the output
+    o_proj: Weight  # [hidden, heads*v]
+    o_bias: Array | None
+
+
+class Backend(Protocol):
+    name: str
+    element_size: int  # bytes per activation / KV-cache element
+
+    # checkpoint tensors (torch, CPU, as read) -> resident weights
+    def linear_weight(self, weight: Any, scale_inv: Any | None) -> Weight: ...
+    def vector(self, t: Any, fp32: bool = False) -> Array: ...
+    def absorbed_kv_b(self, weight: Any, scale_inv: Any | None) -> tuple[Array, Array]: ...
+
+    # arrays
+    def tokens(self, ids: list[int]) -> Array: ...
+    def empty(self, rows: int, width: int) -> Array: ...
+    def concat(self, xs: list[Array]) -> Array: ...  # along the last dim
+    def to_numpy(self, x: Array) -> np.ndarray: ...
+    def step(self, segments: list) -> Any: ...  # per-step context attention needs (positions, rope)
+
+    # math
+    def embed(self, table: Array, ids: Array) -> Array: ...
+    def rms_norm(self, x: Array, weight: Array, eps: float) -> Array: ...
+    def linear(self, x: Array, w: Weight, bias: Array | None = None) -> Array: ...
+    def mlp(self, w: MlpWeights, x: Array) -> Array: ...
+    def attention(self, w: AttentionWeights, x: Array, step: Any, layer: int) -> Array: ...
+    def route(self, w: MoeWeights, x: Array) -> tuple[Array, Array]: ...
+    def experts(self, w: MoeWeights, x: Array, ids: Array, weights: Array) -> tuple[Array, Array]: ...
