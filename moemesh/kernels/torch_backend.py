@@ -63,9 +63,10 @@ def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate the last dim of x in float32. Interleaved checkpoints pair (0,1),(2,3)...; others pair (i, i+d/2).
-    Either way the result is laid out as [rotated firsts | rotated seconds]; q and k share the layout."""
-    x = x.float()
+    """Rotate the last dim of x. Interleaved checkpoints pair (0,1),(2,3)...; others pair (i, i+d/2). Either way
+    the result is laid out as [rotated firsts | rotated seconds]; q and k share the layout. The math runs in
+    x's dtype with cos/sin rounded to it, as the reference does."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -163,7 +164,7 @@ class TorchBackend:
         cos, sin = step.cos, step.sin
         k_pe = apply_rope(k_pe, cos, sin, a.rope_interleave)  # [n, rope]
         q_pe = apply_rope(q_pe, cos[:, None], sin[:, None], a.rope_interleave)  # [n, heads, rope]
-        rows = torch.cat([latent, k_pe.to(latent.dtype)], dim=-1)  # [n, kv_lora + rope]: what the cache keeps
+        rows = torch.cat([latent, k_pe], dim=-1)  # [n, kv_lora + rope]: what the cache keeps
         q_latent = torch.einsum("nhd,hdc->nhc", q_nope, w.w_uk)  # query against the latent directly
         q_all = torch.cat([q_latent.float(), q_pe], dim=-1) * a.softmax_scale  # [n, heads, kv_lora + rope]
 

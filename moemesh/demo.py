@@ -1,0 +1,152 @@
+"""The built-in default model: a small DeepSeek-V3-architecture checkpoint with random weights, built
+locally (no download) in the published repositories' layout — sharded safetensors with an index,
+`rope_scaling` of type yarn, an MTP layer, and a byte-level BPE tokenizer with a chat template.
+Its text is gibberish: it exists to show the whole path working, not to answer questions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .model.config import args_from_dict
+from .model.layout import block_shapes, head_shapes, layer_prefix, mtp_head_shapes
+
+DEMO_VERSION = 1
+BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+
+DEMO_CONFIG = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "q_lora_rank": 192,
+    "kv_lora_rank": 128,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
+    "n_routed_experts": 32,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 4,
+    "n_group": 4,
+    "topk_group": 2,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000,
+    "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024, "beta_fast": 32,
+                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "num_nextn_predict_layers": 1,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "torch_dtype": "bfloat16",
+}
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
+    "{% else %}" + ASSISTANT + "{{ m['content'] }}" + EOS + "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+)
+
+# What the demo tokenizer learns its merges from.
+CORPUS = """\
+moemesh runs mixture-of-experts language models across the machines people already own: Mac minis,
+Linux boxes with graphics cards, and plain computers on one network. A coordinator finds the workers,
+measures them, splits the layers and the experts between them, and streams hidden states through them.
+Each token is routed to a few experts out of many; the shared expert sees every token. The attention
+keeps only a compressed latent and a small rotary key per token, so long contexts stay small in memory.
+The quick brown fox jumps over the lazy dog. Hello, world! How are you today? I am fine, thank you.
+"""
+
+
+def default_demo_dir() -> Path:
+    cache = Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh"))
+    return cache / f"demo-v{DEMO_VERSION}"
+
+
+def _tokenizer(vocab_size: int) -> tuple[object, dict]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, USER, ASSISTANT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    config = {"bos_token": BOS, "eos_token": EOS, "add_bos_token": True, "add_eos_token": False,
+              "chat_template": CHAT_TEMPLATE, "model_max_length": DEMO_CONFIG["max_position_embeddings"]}
+    return tok, config
+
+
+def build_demo_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write the demo checkpoint to `path` (two shards and an index); returns `path`."""
+    path.mkdir(parents=True, exist_ok=True)
+    tok, tok_config = _tokenizer(DEMO_CONFIG["vocab_size"])
+    config = DEMO_CONFIG | {"vocab_size": tok.get_vocab_size()}  # the corpus is small: as many as BPE learned
+    args = args_from_dict(config)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = dict(head_shapes(args))
+    for layer in range(args.num_hidden_layers):
+        shapes |= block_shapes(args, layer)
+    for layer in args.mtp_layers:
+        shapes |= block_shapes(args, layer)
+        shapes |= {layer_prefix(layer) + k: v for k, v in mtp_head_shapes(args).items()}
+        shapes[layer_prefix(layer) + "shared_head.head.weight"] = (args.vocab_size, args.hidden_size)
+
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.endswith("e_score_correction_bias"):
+            t = torch.randn(shape, generator=gen) * 0.01
+        elif len(shape) == 1:  # norm weights
+            t = torch.ones(shape)
+        else:
+            t = torch.randn(shape, generator=gen) * 0.02
+        keep_fp32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
+        tensors[name] = t.to(torch.float32 if keep_fp32 else torch.bfloat16).contiguous()
+
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    weight_map = {}
+    for file, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, str(path / file), metadata={"format": "pt"})
+        weight_map |= {n: file for n in shard_names}
+    total = sum(t.nbytes for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
+    return path
+
+
+def ensure_demo_checkpoint(path: Path | None = None) -> tuple[Path, bool]:
+    """The demo checkpoint directory, building it if needed; returns (path, built_now)."""
+    path = path or default_demo_dir()
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return path, False
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted build
+    build_demo_checkpoint(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path, True
