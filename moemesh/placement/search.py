@@ -93,7 +93,8 @@ class _Matrices:
     def group(self, lead: Node, helpers: list[tuple[Node, int]]) -> np.ndarray:
         """Lead plus helper classes (node, count): experts shared in proportion to speed, within
         each node's memory (water-filling), at the single-token imbalance of the group size."""
-        tm, E = self.tm, tm.n_experts
+        tm = self.tm
+        E = tm.n_experts
         with np.errstate(divide="ignore", invalid="ignore"):
             slot_bytes = self.n_moe * self.expert_bytes  # one expert slot in every MoE layer of the range
             lead_free = lead.memory - self.lead_mem - (self.head_extra if lead.name == self.head else 0)
@@ -119,7 +120,7 @@ class _Matrices:
 
 def _groups(counts: list[int], head_class: int, max_group: int):
     """(lead class, helper counts per class) with at most max_group nodes; the head never helps."""
-    ranges = [range(0 if c == head_class else 0, (0 if c == head_class else n) + 1) for c, n in enumerate(counts)]
+    ranges = [range(1 if c == head_class else n + 1) for c, n in enumerate(counts)]
     for lead in range(len(counts)):
         for helpers in itertools.product(*ranges):
             size = 1 + sum(helpers)
@@ -149,8 +150,9 @@ def _search_classes(cluster: Cluster, tm: TimeModel, classes: list[list[Node]], 
     L, mats = tm.n_layers, _Matrices(tm, cluster)
     counts = [len(c) for c in classes]
     rep = [c[0] for c in classes]
-    hop = [[0.0 if a == b == 0 else tm.hop_seconds(cluster, rep[a].name, rep[b].name + ("'" if a == b else ""))
-            for b in range(len(classes))] for a in range(len(classes))]
+    # Two nodes of one class have no link of their own: the default link joins them.
+    hop = [[0.0 if a == b == 0 else tm.hop_seconds(cluster, rep[a].name, classes[b][a == b].name)
+            if len(classes[b]) > (a == b) else np.inf for b in range(len(classes))] for a in range(len(classes))]
     cost: dict[tuple, np.ndarray] = {}
     for lead, helpers in _groups(counts, 0, max_group):
         if sum(helpers) == 0:
@@ -244,14 +246,12 @@ def _search_fixed_order(cluster: Cluster, tm: TimeModel) -> SearchResult | None:
     for q, node in enumerate(nodes):
         cands = []
         for p in range(-1, q):
-            if p not in best or (q == 0 and p != -1):
+            if p not in best:
                 continue
             h = tm.hop_seconds(cluster, (head if p < 0 else nodes[p]).name, node.name)
             total = best[p][:, None] + cost[q]
             arg_i = np.argmin(total, axis=0)
             cands.append((total[arg_i, np.arange(L + 1)] + h, p, arg_i))
-        if q > 0 and 0 not in best and False:
-            pass
         vec = np.full(L + 1, np.inf)
         prev = np.full(L + 1, -2)
         starts = np.zeros(L + 1, dtype=int)
