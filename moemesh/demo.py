@@ -96,11 +96,10 @@ def _tokenizer(vocab_size: int) -> tuple[object, dict]:
     return tok, config
 
 
-def build_demo_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Write the demo checkpoint to `path` (two shards and an index); returns `path`."""
+def write_random_checkpoint(path: Path, config: dict, seed: int = 0, shards: int = 2) -> Path:
+    """A checkpoint of `config` with random weights (normal, std 0.02; unit norms; float32 router), written
+    as `shards` safetensors files plus an index, with the demo tokenizer when the vocabulary fits."""
     path.mkdir(parents=True, exist_ok=True)
-    tok, tok_config = _tokenizer(DEMO_CONFIG["vocab_size"])
-    config = DEMO_CONFIG | {"vocab_size": tok.get_vocab_size()}  # the corpus is small: as many as BPE learned
     args = args_from_dict(config)
     gen = torch.Generator().manual_seed(seed)
     shapes = dict(head_shapes(args))
@@ -111,32 +110,41 @@ def build_demo_checkpoint(path: Path, seed: int = 0) -> Path:
         shapes |= {layer_prefix(layer) + k: v for k, v in mtp_head_shapes(args).items()}
         shapes[layer_prefix(layer) + "shared_head.head.weight"] = (args.vocab_size, args.hidden_size)
 
-    tensors = {}
-    for name, shape in shapes.items():
-        if name.endswith("e_score_correction_bias"):
-            t = torch.randn(shape, generator=gen) * 0.01
-        elif len(shape) == 1:  # norm weights
-            t = torch.ones(shape)
-        else:
-            t = torch.randn(shape, generator=gen) * 0.02
-        keep_fp32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
-        tensors[name] = t.to(torch.float32 if keep_fp32 else torch.bfloat16).contiguous()
-
-    names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
-    weight_map = {}
-    for file, shard_names in shards.items():
-        save_file({n: tensors[n] for n in shard_names}, str(path / file), metadata={"format": "pt"})
-        weight_map |= {n: file for n in shard_names}
-    total = sum(t.nbytes for t in tensors.values())
+    weight_map: dict[str, str] = {}
+    names = sorted(shapes)
+    total = 0
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = {}
+        for name in names[i * len(names) // shards : (i + 1) * len(names) // shards]:
+            shape = shapes[name]
+            if name.endswith("e_score_correction_bias"):
+                t = torch.randn(shape, generator=gen) * 0.01
+            elif len(shape) == 1:  # norm weights
+                t = torch.ones(shape)
+            else:
+                t = torch.randn(shape, generator=gen) * 0.02
+            keep_fp32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
+            tensors[name] = t.to(torch.float32 if keep_fp32 else torch.bfloat16).contiguous()
+            weight_map[name] = file
+        total += sum(t.nbytes for t in tensors.values())
+        save_file(tensors, str(path / file), metadata={"format": "pt"})
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
+    eos = config.get("eos_token_id")
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": config.get("bos_token_id"), "eos_token_id": eos}))
+    tok, tok_config = _tokenizer(DEMO_CONFIG["vocab_size"])
+    if tok.get_vocab_size() <= args.vocab_size:
+        tok.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
     return path
+
+
+def build_demo_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write the demo checkpoint to `path`; its vocabulary is as many tokens as the tokenizer learned."""
+    tok, _ = _tokenizer(DEMO_CONFIG["vocab_size"])
+    return write_random_checkpoint(path, DEMO_CONFIG | {"vocab_size": tok.get_vocab_size()}, seed)
 
 
 def ensure_demo_checkpoint(path: Path | None = None) -> tuple[Path, bool]:

@@ -41,8 +41,8 @@ class AttentionWeights:
     kv_a_proj: Weight  # [kv_lora + rope, hidden]
     kv_a_bias: Array | None
     kv_a_norm: Array  # [kv_lora]
-    w_uk: Array  # [heads, nope, kv_lora]: kv_b_proj's key half, folded into the query
-    w_uv: Array  # [heads, kv_lora, v]: kv_b_proj's value half, folded into the output
+    w_uk: Array  # [heads, kv_lora, nope]: kv_b_proj's key half (transposed), folded into the query
+    w_uv: Array  # [heads, v, kv_lora]: kv_b_proj's value half, folded into the output
     o_proj: Weight  # [hidden, heads*v]
     o_bias: Array | None
 

@@ -16,9 +16,12 @@ import torch.nn.functional as F
 
 from ..model.config import ModelArgs
 from .base import AttentionWeights, MlpWeights, MoeWeights
+from .cpu_ext import cpu_kernels
 from .fp8 import Fp8Weight, dequantize, fp8_linear
 
 Weight = torch.Tensor | Fp8Weight
+# Up to this many tokens a step is a decode step: matrix-vector work bound by reading the weights.
+DECODE_TOKENS = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -82,6 +85,8 @@ class TorchBackend:
             raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU")
         self.args = args
         self.dtype = DTYPES[dtype]
+        # Our decode matmuls (few tokens, bf16 weights) where they build; torch's ops otherwise.
+        self.kernels = cpu_kernels() if self.device.type == "cpu" and self.dtype == torch.bfloat16 else None
         self.element_size = torch.tensor([], dtype=self.dtype).element_size()
         inv_freq, self.rope_factor = rope_frequencies(args)
         self.inv_freq = inv_freq.to(self.device)
@@ -99,15 +104,23 @@ class TorchBackend:
         return t.to(self.device, torch.float32 if fp32 else self.dtype)
 
     def absorbed_kv_b(self, weight: torch.Tensor, scale_inv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Split kv_b_proj [heads*(nope+v), kv_lora] into W_UK [heads, nope, kv_lora] and W_UV [heads, kv_lora, v].
-        These stay in the compute dtype (the absorbed products need them per head; ~0.15% of a layer's weights)."""
+        """Split kv_b_proj [heads*(nope+v), kv_lora] into per-head linear weights ([out, in], like every
+        weight here): W_UK^T [heads, kv_lora, nope] takes a query to the latent space, W_UV [heads, v, kv_lora]
+        takes an attended latent to values. They stay in the compute dtype: the absorbed form needs them
+        per head (~0.15% of a DeepSeek-V3 layer's weights)."""
         a = self.args
         if scale_inv is not None:
             weight = dequantize(Fp8Weight(weight, scale_inv, a.fp8_block), torch.float32)
         w = weight.to(self.dtype).view(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
-        w_uk = w[:, : a.qk_nope_head_dim].contiguous().to(self.device)
-        w_uv = w[:, a.qk_nope_head_dim :].transpose(1, 2).contiguous().to(self.device)
+        w_uk = w[:, : a.qk_nope_head_dim].transpose(1, 2).contiguous().to(self.device)
+        w_uv = w[:, a.qk_nope_head_dim :].contiguous().to(self.device)
         return w_uk, w_uv
+
+    def linear_heads(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Per-head linear: x [n, heads, in], w [heads, out, in] -> [n, heads, out]."""
+        if self.kernels is not None and x.shape[0] <= DECODE_TOKENS:
+            return self.kernels.linear_heads_bf16(x, w)
+        return torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
 
     # ---- arrays
     def tokens(self, ids: list[int]) -> torch.Tensor:
@@ -139,15 +152,25 @@ class TorchBackend:
         return F.embedding(ids, table)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if self.kernels is not None and x.dtype == weight.dtype == torch.bfloat16:
+            return self.kernels.rms_norm_bf16(x, weight, eps)
         # Normalize in float32, round to the activation dtype, then scale (as the reference does).
         xf = x.float()
         return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
     def linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = fp8_linear(x, w) if isinstance(w, Fp8Weight) else F.linear(x, w)
+        if isinstance(w, Fp8Weight):
+            y = fp8_linear(x, w)
+        elif self.kernels is not None and x.shape[0] <= DECODE_TOKENS and w.dtype == torch.bfloat16 and x.dim() == 2:
+            y = self.kernels.linear_bf16(x, w)
+        else:
+            y = F.linear(x, w)
         return y if bias is None else y + bias
 
     def mlp(self, w: MlpWeights, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and x.shape[0] <= DECODE_TOKENS and all(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in (w.gate, w.up, w.down)):
+            return self.kernels.mlp_bf16(x, w.gate, w.up, w.down)
         return self.linear(F.silu(self.linear(x, w.gate)) * self.linear(x, w.up), w.down)
 
     def attention(self, w: AttentionWeights, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
@@ -159,33 +182,58 @@ class TorchBackend:
         else:
             q = self.linear(self.rms_norm(self.linear(x, w.q_a_proj, w.q_a_bias), w.q_a_norm, a.rms_norm_eps), w.q_b_proj)
         q_nope, q_pe = q.view(n, heads, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
-        latent, k_pe = self.linear(x, w.kv_a_proj, w.kv_a_bias).split([kv_lora, a.qk_rope_head_dim], dim=-1)
-        latent = self.rms_norm(latent, w.kv_a_norm, a.rms_norm_eps)
-        cos, sin = step.cos, step.sin
-        k_pe = apply_rope(k_pe, cos, sin, a.rope_interleave)  # [n, rope]
-        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None], a.rope_interleave)  # [n, heads, rope]
-        rows = torch.cat([latent, k_pe], dim=-1)  # [n, kv_lora + rope]: what the cache keeps
-        q_latent = torch.einsum("nhd,hdc->nhc", q_nope, w.w_uk)  # query against the latent directly
-        q_all = torch.cat([q_latent.float(), q_pe], dim=-1) * a.softmax_scale  # [n, heads, kv_lora + rope]
+        kv = self.linear(x, w.kv_a_proj, w.kv_a_bias)  # [n, kv_lora + rope]
+        rows = torch.cat([self.rms_norm(kv[:, :kv_lora], w.kv_a_norm, a.rms_norm_eps), kv[:, kv_lora:]], dim=-1)
+        if self.kernels is not None and x.dtype == torch.bfloat16 and max(s.length for s in step.segments) <= DECODE_TOKENS:
+            values = self._attend_kernel(w, q_nope, q_pe, rows, step, layer)
+        else:
+            values = self._attend(w, q_nope, q_pe, rows, step, layer)
+        return self.linear(values.reshape(n, heads * a.v_head_dim), w.o_proj, w.o_bias)
 
-        out = torch.empty(n, heads, kv_lora, dtype=torch.float32, device=x.device)
+    def _attend_kernel(self, w: AttentionWeights, q_nope, q_pe, rows, step: Step, layer: int) -> torch.Tensor:
+        """Decode steps: one fused C++ call per request (see csrc/mla_bf16.cpp)."""
+        a, parts, offset = self.args, [], 0
+        for seg in step.segments:
+            span = slice(offset, offset + seg.length)
+            cache = seg.cache.buffer(layer, seg.start + seg.length)
+            parts.append(self.kernels.mla_decode_bf16(
+                q_nope[span], q_pe[span], rows[span], step.cos[span], step.sin[span], cache, seg.start,
+                w.w_uk, w.w_uv, a.softmax_scale, a.rope_interleave))
+            offset += seg.length
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _attend(self, w: AttentionWeights, q_nope, q_pe, rows, step: Step, layer: int) -> torch.Tensor:
+        """Any number of tokens, in torch ops; the scores and softmax run in float32."""
+        a = self.args
+        n, heads, kv_lora = q_nope.shape[0], a.num_attention_heads, a.kv_lora_rank
+        cos, sin = step.cos, step.sin
+        k_pe = apply_rope(rows[:, kv_lora:], cos, sin, a.rope_interleave)  # [n, rope]
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None], a.rope_interleave)  # [n, heads, rope]
+        rows = torch.cat([rows[:, :kv_lora], k_pe], dim=-1)  # what the cache keeps
+        q_latent = self.linear_heads(q_nope, w.w_uk)  # [n, heads, kv_lora]: the query against the latent
+        q_all = torch.cat([q_latent.float(), q_pe.float()], dim=-1) * a.softmax_scale  # [n, heads, kv_lora + rope]
+
+        out = torch.empty(n, heads, kv_lora, dtype=torch.float32, device=q_nope.device)
         offset = 0
         for seg in step.segments:
             kv = seg.cache.store(layer, seg.start, rows[offset : offset + seg.length]).float()  # [S, kv_lora+rope]
-            scores = torch.einsum("nhc,sc->nhs", q_all[offset : offset + seg.length], kv)
+            scores = q_all[offset : offset + seg.length] @ kv.T  # [n, heads, S]
             if seg.length > 1:  # causal: token i (at position start+i) sees keys 0..start+i
-                mask = torch.ones(seg.length, kv.shape[0], dtype=torch.bool, device=x.device).triu(seg.start + 1)
+                mask = torch.ones(seg.length, kv.shape[0], dtype=torch.bool, device=kv.device).triu(seg.start + 1)
                 scores.masked_fill_(mask[:, None, :], float("-inf"))
             probs = torch.softmax(scores, dim=-1)
-            out[offset : offset + seg.length] = torch.einsum("nhs,sc->nhc", probs, kv[:, :kv_lora])
+            out[offset : offset + seg.length] = probs @ kv[:, :kv_lora]
             offset += seg.length
-        values = torch.einsum("nhc,hcv->nhv", out.to(x.dtype), w.w_uv)  # [n, heads, v]
-        return self.linear(values.reshape(n, heads * a.v_head_dim), w.o_proj, w.o_bias)
+        return self.linear_heads(out.to(q_nope.dtype), w.w_uv)  # [n, heads, v]
 
     def route(self, w: MoeWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sigmoid scores; the correction bias picks experts (top-2-sum per group, then top-k) but the
         weights come from the unbiased scores. Returns expert ids [n, k] and weights [n, k] float32."""
         a = self.args
+        if self.kernels is not None and x.dtype == torch.bfloat16 and x.shape[0] <= DECODE_TOKENS:
+            ids, weights = self.kernels.route_bf16(x, w.router, w.bias, a.n_group, a.topk_group, a.num_experts_per_tok,
+                                                   a.norm_topk_prob, a.routed_scaling_factor)
+            return ids, weights
         scores = F.linear(x.float(), w.router).sigmoid()
         choice = scores + w.bias
         if a.n_group > 1:
@@ -203,9 +251,22 @@ class TorchBackend:
     def experts(self, w: MoeWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted sum of the routed experts' outputs. Tokens are grouped by expert, so each expert runs
         one matmul per step. Returns the output [n, hidden] and tokens per expert [n_routed]."""
+        counts = torch.bincount(ids.flatten(), minlength=self.args.n_routed_experts)
+        if self.kernels is not None and x.dtype == torch.bfloat16 and x.shape[0] <= DECODE_TOKENS:
+            chosen = sorted(set(ids.flatten().tolist()))
+            mlps = [w.experts[e] for e in chosen]
+            if all(isinstance(m.gate, torch.Tensor) and m.gate.dtype == torch.bfloat16 for m in mlps):
+                out = self.kernels.experts_bf16(x, ids, weights, chosen, [m.gate for m in mlps], [m.up for m in mlps],
+                                                [m.down for m in mlps])
+                return out, counts
+        if x.shape[0] == 1:  # one token (decode): no grouping needed; sum in ascending expert order
+            out = None
+            for e, weight in sorted(zip(ids[0].tolist(), weights[0].tolist())):
+                y = self.mlp(w.experts[e], x) * weight  # float32 math, rounded to x's dtype
+                out = y if out is None else out + y
+            return out, counts
         k = ids.shape[1]
         flat = ids.flatten()
-        counts = torch.bincount(flat, minlength=self.args.n_routed_experts)
         order = flat.argsort(stable=True)  # by expert, ascending (the reference's summation order)
         token = order // k
         xs, ws = x[token], weights.flatten()[order]

@@ -19,16 +19,21 @@ class KVCache:
         self.length = 0  # tokens whose rows are valid in every layer this node holds
         self.buffers: dict[int, Any] = {}  # layer -> [capacity, width]
 
-    def store(self, layer: int, start: int, rows: Any) -> Any:
-        """Write rows for positions start.. and return the valid rows [start + len(rows), width]."""
-        end = start + rows.shape[0]
+    def buffer(self, layer: int, end: int) -> Any:
+        """The layer's buffer, grown (rows before `end` kept) to hold at least `end` rows."""
         buffer = self.buffers.get(layer)
         if buffer is None or buffer.shape[0] < end:
             size = max(end, self.capacity if buffer is None else 2 * buffer.shape[0])
             grown = self.backend.empty(size, self.width)
             if buffer is not None:
-                grown[:start] = buffer[:start]
+                grown[: buffer.shape[0]] = buffer
             self.buffers[layer] = buffer = grown
+        return buffer
+
+    def store(self, layer: int, start: int, rows: Any) -> Any:
+        """Write rows for positions start.. and return the valid rows [start + len(rows), width]."""
+        end = start + rows.shape[0]
+        buffer = self.buffer(layer, end)
         buffer[start:end] = rows
         return buffer[:end]
 

@@ -42,6 +42,10 @@ class TimeModel:
         return self.sizes.n_experts
 
     @property
+    def has_moe(self) -> bool:
+        return any(s.moe for s in self.sizes.layers)
+
+    @property
     def top_k(self) -> int:
         return self.sizes.top_k
 

@@ -12,7 +12,6 @@ spare speed as imbalance, which is what the decode time sees.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -71,10 +70,12 @@ def place_ours(loads: list[float], rates: list[float], slots: list[int], n_group
     1. Pack whole routing groups (single experts when there are fewer groups than nodes), heaviest
        first, onto the node whose load/rate stays lowest, within each node's `slots`: a token then
        touches at most topk_group nodes.
-    2. Up to `redundant` times: on the node with the highest load/rate, take the `candidates`
+    2. While it lowers the maximum, trade a hot expert of the busiest node for a cold one of the
+       idlest (a node whose memory is full can only be balanced this way).
+    3. Up to `redundant` times: on the node with the highest load/rate, take the `candidates`
        experts carrying most of its load; add the replica that lowers the maximum most, on the
        node with free slots and the lowest load/rate; stop when none helps.
-    3. An expert's traffic is split over its replicas by water-filling, i.e. what a router that
+    4. An expert's traffic is split over its replicas by water-filling, i.e. what a router that
        sends each token to the least-loaded replica converges to.
     """
     n_exp, n_nodes = len(loads), len(rates)
@@ -118,6 +119,36 @@ def place_ours(loads: list[float], rates: list[float], slots: list[int], n_group
             load[g] = o + xi
         return True
 
+    def swap() -> bool:
+        """Trade a hot expert of the busiest node for a cold one of the idlest (memory-capped
+        nodes cannot take replicas, so they are balanced by trading)."""
+        worst = max(range(n_nodes), key=lambda g: load[g] / rates[g])
+        idle = min(range(n_nodes), key=lambda g: load[g] / rates[g])
+        peak = load[worst] / rates[worst]
+        single = [e for e in on_node[worst] if len(share[e]) == 1]  # replicated experts stay put
+        hot = sorted(single, key=lambda e: -loads[e])[:candidates]
+        cold = sorted((e for e in on_node[idle] if len(share[e]) == 1), key=lambda e: loads[e])[:candidates]
+        best = None
+        for e in hot:
+            for f in cold:
+                new_peak = max((load[worst] - loads[e] + loads[f]) / rates[worst],
+                               (load[idle] - loads[f] + loads[e]) / rates[idle])
+                if new_peak < peak - 1e-12 and (best is None or new_peak < best[0]):
+                    best = (new_peak, e, f)
+        if best is None:
+            return False
+        _, e, f = best
+        for x, src, dst in ((e, worst, idle), (f, idle, worst)):
+            on_node[src].remove(x)
+            on_node[dst].add(x)
+            share[x] = {dst: 1.0}
+            load[src] -= loads[x]
+            load[dst] += loads[x]
+        return True
+
+    for _ in range(n_exp):
+        if not swap():
+            break
     for _ in range(redundant):
         if not add_replica():
             break

@@ -22,7 +22,10 @@ GB = 1e9
 
 
 def fmt_bytes(n: float) -> str:
-    return f"{n / GB:.1f} GB"
+    for unit, scale in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale / 10:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 class PlacementError(ValueError):

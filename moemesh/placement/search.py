@@ -28,6 +28,8 @@ from .cluster import Cluster, Node
 from .cost import TimeModel
 
 WORK_LIMIT = 60_000  # min-plus products (61x61 each) the exact search may do: ~0.5 s
+# Among splits of equal time (equal nodes), prefer even memory use: a 1 ns * (used/budget)^2 tie-break.
+TIE_BREAK_S = 1e-9
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class _Matrices:
         tm = self.tm
         t = self.dense(node) + self.n_moe * tm.top_k * tm.expert_seconds(node)
         mem = self.lead_mem + self.experts_mem + (self.head_extra if node.name == self.head else 0)
-        return np.where(self.valid & (mem <= node.memory), t, np.inf)
+        return np.where(self.valid & (mem <= node.memory), t + TIE_BREAK_S * (mem / node.memory) ** 2, np.inf)
 
     def group(self, lead: Node, helpers: list[tuple[Node, int]]) -> np.ndarray:
         """Lead plus helper classes (node, count): experts shared in proportion to speed, within
@@ -157,7 +159,7 @@ def _search_classes(cluster: Cluster, tm: TimeModel, classes: list[list[Node]], 
     for lead, helpers in _groups(counts, 0, max_group):
         if sum(helpers) == 0:
             m = mats.single(rep[lead])
-        elif tm.n_experts == 0:
+        elif not tm.has_moe:
             continue
         else:
             m = mats.group(rep[lead], [(rep[c], n) for c, n in enumerate(helpers) if n])
@@ -166,13 +168,15 @@ def _search_classes(cluster: Cluster, tm: TimeModel, classes: list[list[Node]], 
 
     start = (tuple([0] * len(counts)), 0)
     best = {start: np.where(np.arange(L + 1) == 0, 0.0, np.inf)}
-    back: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # state -> (previous state id per j, i per j)
+    back: dict[tuple, tuple] = {}  # state -> per end layer j: previous state id, start layer, stage
     order = [start]
     index = {start: 0}
-    frontier = [start]
-    while frontier:
-        nxt: list[tuple] = []
-        for state in frontier:
+    # Every stage adds at least one node, so states taken by number of nodes used come after all
+    # states that lead to them.
+    by_size: list[list[tuple]] = [[] for _ in range(sum(counts) + 1)]
+    by_size[0].append(start)
+    for bucket in by_size:
+        for state in bucket:
             used, last = state
             vec = best[state]
             if not np.isfinite(vec).any():
@@ -195,7 +199,7 @@ def _search_classes(cluster: Cluster, tm: TimeModel, classes: list[list[Node]], 
                     back[new_state] = (np.full(L + 1, -1), np.zeros(L + 1, dtype=int), [None] * (L + 1))
                     index[new_state] = len(order)
                     order.append(new_state)
-                    nxt.append(new_state)
+                    by_size[sum(new_used)].append(new_state)
                 better = cand < best[new_state]
                 if better.any():
                     best[new_state] = np.where(better, cand, best[new_state])
@@ -204,7 +208,6 @@ def _search_classes(cluster: Cluster, tm: TimeModel, classes: list[list[Node]], 
                     starts[better] = arg_i[better]
                     for j in np.flatnonzero(better):
                         groups[j] = key
-        frontier = nxt
 
     final = None
     for state in order:

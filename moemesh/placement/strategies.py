@@ -53,6 +53,8 @@ def greedy_stages(cluster: Cluster, tm: TimeModel) -> list[Stage] | None:
     stages, layer = [], 0
     for node in _head_first(cluster):
         free = node.memory - (tm.head_memory() if node is cluster.head else 0)
+        if free < 0:
+            return None
         start = layer
         while layer < tm.n_layers:
             s = tm.sizes.layers[layer]
@@ -90,7 +92,7 @@ def compare(p: Problem, ours: Plan | None = None) -> list[Row]:
 
     rows = [attempt("equal split (mlx-lm)", equal_stages(p.cluster, L)),
             attempt("memory-proportional (exo)", proportional_stages(p.cluster, L))]
-    if p.tm.n_experts and len(p.cluster.nodes) > 1:
+    if p.tm.has_moe and len(p.cluster.nodes) > 1:
         rows.append(attempt("EP on all nodes, EPLB packing", all_nodes_ep(p.cluster, L), "eplb"))
         rows.append(attempt("EP on all nodes, moemesh packing", all_nodes_ep(p.cluster, L)))
     if ours is None:

@@ -1,0 +1,132 @@
+// Shared pieces of the CPU kernels: bf16 <-> float, and the few-token matmul y[M, N] = x[M, K] @ W[N, K]^T
+// that reads each weight row once per pass of up to 4 tokens. Decoding is bound by the bytes of weight
+// read; torch's bf16 matrix-vector product reaches about half of this machine's read bandwidth and
+// these loops most of it. Compiled with -march=native at first use (see ../cpu_ext.py).
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace moemesh {
+
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+constexpr int ROWS = 4;  // weight rows per inner pass: 4 streams keep the prefetchers busy
+
+#if defined(__AVX512BF16__)
+// acc[m][r] += x[m, i:i+32] . w[r, i:i+32] with VDPBF16PS (pairs of bf16 products into fp32 lanes).
+template <int M>
+void rows_bf16(const uint16_t* x, const uint16_t* w, int64_t K, int rows, float* out /*[M][ROWS]*/) {
+  __m512 acc[M][ROWS];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < K; i += 32) {
+    const __mmask32 mask = K - i >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - i)) - 1;
+    __m512i wv[ROWS];
+    for (int r = 0; r < ROWS; ++r)
+      wv[r] = r < rows ? _mm512_maskz_loadu_epi16(mask, w + r * K + i) : _mm512_setzero_si512();
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + i);
+      for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv[r], xv);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < ROWS; ++r) out[m * ROWS + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+template <int M>
+void rows_bf16(const uint16_t* x, const uint16_t* w, int64_t K, int rows, float* out) {
+  __m256 acc[M][ROWS];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= K; i += 8) {
+    __m256 wv[ROWS];
+    for (int r = 0; r < ROWS; ++r) wv[r] = r < rows ? load8_bf16(w + r * K + i) : _mm256_setzero_ps();
+    for (int m = 0; m < M; ++m) {
+      const __m256 xv = load8_bf16(x + m * K + i);
+      for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < ROWS; ++r) {
+      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m][r]), _mm256_extractf128_ps(acc[m][r], 1));
+      s = _mm_hadd_ps(s, s);
+      s = _mm_hadd_ps(s, s);
+      float total = _mm_cvtss_f32(s);
+      for (int64_t j = i; j < K && r < rows; ++j) total += bf16_to_float(w[r * K + j]) * bf16_to_float(x[m * K + j]);
+      out[m * ROWS + r] = total;
+    }
+}
+#else
+template <int M>
+void rows_bf16(const uint16_t* x, const uint16_t* w, int64_t K, int rows, float* out) {
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < ROWS; ++r) {
+      float total = 0;
+      for (int64_t j = 0; j < K && r < rows; ++j) total += bf16_to_float(w[r * K + j]) * bf16_to_float(x[m * K + j]);
+      out[m * ROWS + r] = total;
+    }
+}
+#endif
+
+// Output rows [row_begin, row_end) of y[M, N] = x[M, K] @ w[N, K]^T, on the calling thread.
+template <int M>
+inline void rows_range_bf16(const uint16_t* x, const uint16_t* w, int64_t N, int64_t K, at::BFloat16* y,
+                            int64_t row_begin, int64_t row_end) {
+  float out[M * ROWS];
+  for (int64_t o = row_begin; o < row_end; o += ROWS) {
+    const int rows = static_cast<int>(std::min<int64_t>(ROWS, row_end - o));
+    rows_bf16<M>(x, w + o * K, K, rows, out);
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < rows; ++r) y[m * N + o + r] = at::BFloat16(out[m * ROWS + r]);
+  }
+}
+
+// All M tokens for output rows [row_begin, row_end), 4 tokens per pass over the weight rows.
+inline void linear_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t M, int64_t N, int64_t K,
+                        at::BFloat16* y, int64_t row_begin, int64_t row_end) {
+  auto xp = reinterpret_cast<const uint16_t*>(x);
+  auto wp = reinterpret_cast<const uint16_t*>(w);
+  for (int64_t m = 0; m < M;) {
+    const int64_t take = std::min<int64_t>(4, M - m);
+    switch (take) {
+      case 4: rows_range_bf16<4>(xp + m * K, wp, N, K, y + m * N, row_begin, row_end); break;
+      case 3: rows_range_bf16<3>(xp + m * K, wp, N, K, y + m * N, row_begin, row_end); break;
+      case 2: rows_range_bf16<2>(xp + m * K, wp, N, K, y + m * N, row_begin, row_end); break;
+      default: rows_range_bf16<1>(xp + m * K, wp, N, K, y + m * N, row_begin, row_end);
+    }
+    m += take;
+  }
+}
+
+constexpr int64_t ROW_GRAIN = 64;  // output rows per parallel work item
+
+// y[M, N] = x[M, K] @ w[N, K]^T, bf16 in and out, fp32 accumulation; threads split the output rows.
+inline void linear_into(const at::BFloat16* x, const at::BFloat16* w, int64_t M, int64_t N, int64_t K, at::BFloat16* y) {
+  const int64_t items = (N + ROW_GRAIN - 1) / ROW_GRAIN;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    linear_rows(x, w, M, N, K, y, begin * ROW_GRAIN, std::min(N, end * ROW_GRAIN));
+  });
+}
+
+inline void check_bf16(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device().is_cpu(),
+              what, ": expected a contiguous bf16 CPU tensor");
+}
+
+
+}  // namespace moemesh
