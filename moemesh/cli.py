@@ -14,6 +14,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True)
 
 
+def _add_lifecycles() -> None:
+    from .coordinator.cli import app as coordinator_app
+    from .worker.cli import app as worker_app
+
+    app.add_typer(coordinator_app, name="coordinator")
+    app.add_typer(worker_app, name="worker")
+
+
+_add_lifecycles()
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":

@@ -248,33 +248,48 @@ class TorchBackend:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return ids, weights * a.routed_scaling_factor
 
-    def experts(self, w: MoeWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted sum of the routed experts' outputs. Tokens are grouped by expert, so each expert runs
-        one matmul per step. Returns the output [n, hidden] and tokens per expert [n_routed]."""
-        counts = torch.bincount(ids.flatten(), minlength=self.args.n_routed_experts)
+    def expert_counts(self, ids: torch.Tensor) -> torch.Tensor:
+        """Tokens routed to each expert [n_routed] (placement statistics)."""
+        return torch.bincount(ids.flatten(), minlength=self.args.n_routed_experts)
+
+    def experts(self, w: MoeWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the routed experts' outputs [n, hidden]. Tokens are grouped by expert, so each
+        expert runs one matmul per step; each token's terms add up in ascending expert order."""
         if self.kernels is not None and x.dtype == torch.bfloat16 and x.shape[0] <= DECODE_TOKENS:
             chosen = sorted(set(ids.flatten().tolist()))
             mlps = [w.experts[e] for e in chosen]
             if all(isinstance(m.gate, torch.Tensor) and m.gate.dtype == torch.bfloat16 for m in mlps):
-                out = self.kernels.experts_bf16(x, ids, weights, chosen, [m.gate for m in mlps], [m.up for m in mlps],
-                                                [m.down for m in mlps])
-                return out, counts
+                return self.kernels.experts_bf16(x, ids, weights, chosen, [m.gate for m in mlps], [m.up for m in mlps],
+                                                 [m.down for m in mlps])
         if x.shape[0] == 1:  # one token (decode): no grouping needed; sum in ascending expert order
             out = None
             for e, weight in sorted(zip(ids[0].tolist(), weights[0].tolist())):
                 y = self.mlp(w.experts[e], x) * weight  # float32 math, rounded to x's dtype
                 out = y if out is None else out + y
-            return out, counts
-        k = ids.shape[1]
-        flat = ids.flatten()
-        order = flat.argsort(stable=True)  # by expert, ascending (the reference's summation order)
-        token = order // k
-        xs, ws = x[token], weights.flatten()[order]
-        ys = torch.empty_like(xs)
+            return out
+        n, k = ids.shape
+        token = torch.arange(n, device=x.device).repeat_interleave(k)
+        rows = self.expert_rows(w.experts, x, token, ids.flatten(), weights.flatten())
+        return self.combine_pairs(ids, rows.view(n, k, -1))
+
+    def expert_rows(self, experts: dict[int, MlpWeights], x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
+                    weight: torch.Tensor) -> torch.Tensor:
+        """One row per (token, expert) pair: mlp_expert(x[token]) * weight, rounded to x's dtype — the terms
+        `experts` sums, for pairs whose experts may live on several nodes. Grouped by expert like `experts`."""
+        rows = torch.empty(token.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+        order = expert.argsort(stable=True)
         start = 0
-        for e, end in enumerate(counts.cumsum(0).tolist()):
-            if end > start:
-                ys[start:end] = self.mlp(w.experts[e], xs[start:end])
-            start = end
-        out = torch.zeros_like(x).index_add_(0, token, (ys * ws[:, None]).to(x.dtype))
-        return out, counts
+        for e, count in zip(*torch.unique_consecutive(expert[order], return_counts=True)):
+            pick = order[start : start + int(count)]
+            rows[pick] = (self.mlp(experts[int(e)], x[token[pick]]) * weight[pick, None]).to(x.dtype)
+            start += int(count)
+        return rows
+
+    def combine_pairs(self, ids: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        """Sum pairs [n, k, hidden] per token in ascending expert order, rounding each addition as `experts` does."""
+        order = ids.argsort(dim=1, stable=True)
+        pairs = pairs.gather(1, order[..., None].expand(-1, -1, pairs.shape[2]))
+        out = pairs[:, 0]
+        for j in range(1, pairs.shape[1]):
+            out = out + pairs[:, j]
+        return out

@@ -7,13 +7,16 @@ Every problem is a `CheckpointError` whose message names the file and tensor at 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .affine import AffineScales, dequantize
 from .config import ConfigError, ModelArgs, args_from_dict, load_config
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -22,6 +25,24 @@ FP8_DTYPE = torch.float8_e4m3fn
 
 class CheckpointError(ValueError):
     """A checkpoint this engine cannot load; the message names the file and tensor."""
+
+
+def fingerprint(path: str | Path) -> str:
+    """Identifies a checkpoint by its config and tensor index (names, dtypes, shapes, offsets), not its bytes:
+    cheap to compute on every node, and two copies of one download agree."""
+    path = Path(path)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    index = path / "model.safetensors.index.json"
+    files = [index] if index.exists() else sorted(path.glob("*.safetensors"))
+    for file in files:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            digest.update(head)
+            if file.suffix == ".safetensors":  # the JSON header describes every tensor
+                digest.update(f.read(int.from_bytes(head, "little")))
+            else:
+                digest.update(f.read())
+    return digest.hexdigest()
 
 
 class Checkpoint:
@@ -69,8 +90,20 @@ class Checkpoint:
             self._handles[file] = handle
         return handle
 
+    def _locate(self, name: str) -> tuple[str, int | None] | None:
+        """Where `name` is stored: (stored name, index along its first dim or None). mlx-lm stacks the routed
+        experts of a layer as `mlp.switch_mlp.<proj>.<part>` [n_routed, ...]; expert e is row e of that."""
+        if name in self.weight_map:
+            return name, None
+        m = _EXPERT.match(name)
+        if m:
+            stacked = f"{m['pre']}switch_mlp.{m['proj']}.{m['part']}"
+            if stacked in self.weight_map:
+                return stacked, int(m["expert"])
+        return None
+
     def has(self, name: str) -> bool:
-        return name in self.weight_map
+        return self._locate(name) is not None
 
     def _file(self, name: str) -> str:
         file = self.weight_map.get(name)
@@ -81,27 +114,47 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self._file(name)).get_slice(name).get_shape())
 
-    def read(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Read one tensor, checking its shape (when given) before any data is touched."""
-        file = self._file(name)
+    def _read_any(self, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+        """Read one tensor of any dtype, checking its shape (when given) before any data is touched."""
+        stored, index = self._locate(name) or (name, None)
+        file = self._file(stored)
         handle = self._open(file)
-        if name not in handle.keys():
-            raise CheckpointError(f"{self.path / file}: index maps '{name}' here but the file does not contain it")
-        actual = tuple(handle.get_slice(name).get_shape())
+        if stored not in handle.keys():
+            raise CheckpointError(f"{self.path / file}: index maps '{stored}' here but the file does not contain it")
+        stack = handle.get_slice(stored)
+        actual = tuple(stack.get_shape())
+        if index is not None:
+            if index >= actual[0]:
+                raise CheckpointError(f"{self.path / file}: '{stored}' stacks {actual[0]} experts, so '{name}' is missing")
+            actual = actual[1:]
         if shape is not None and actual != tuple(shape):
+            where = name if index is None else f"{name}' (row {index} of '{stored})"
             raise CheckpointError(
-                f"{self.path / file}: tensor '{name}' has shape {list(actual)}, expected {list(shape)} from config.json"
+                f"{self.path / file}: tensor '{where}' has shape {list(actual)}, expected {list(shape)} from config.json"
             )
         try:
-            tensor = handle.get_tensor(name)
+            return handle.get_tensor(stored) if index is None else stack[index]
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{self.path / file}: cannot read tensor '{name}' ({e})") from None
+            raise CheckpointError(f"{self.path / file}: cannot read tensor '{stored}' ({e})") from None
+
+    def read(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Read one float tensor, checking its shape (when given) before any data is touched."""
+        tensor = self._read_any(name, shape)
         if tensor.dtype not in FLOAT_DTYPES + (FP8_DTYPE,):
-            raise CheckpointError(f"{self.path / file}: tensor '{name}' has dtype {tensor.dtype}, expected a float type")
+            stored = (self._locate(name) or (name,))[0]
+            raise CheckpointError(
+                f"{self.path / self._file(stored)}: tensor '{name}' has dtype {tensor.dtype}, expected a float type")
         return tensor
 
-    def read_linear(self, name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A linear weight `name` ([out, in]); for FP8 also its block scales `<stem>.weight_scale_inv`."""
+    def read_linear(self, name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, Scales]:
+        """A linear weight `name` ([out, in]) and what dequantizes it: None for a float weight; for FP8 its block
+        scales `<stem>.weight_scale_inv`; for the MLX affine format (packed uint32 `weight`) its `<stem>.scales`
+        and `<stem>.biases`. MLA's kv_b_proj is rebuilt from mlx-lm's split form (see `_kv_b_from_mlx`)."""
+        stem = name.removesuffix("weight")
+        if self.has(stem + "scales"):
+            return self._read_affine(name, shape)
+        if name.endswith("self_attn.kv_b_proj.weight") and not self.has(name) and self.has(stem[:-len("kv_b_proj.")] + "embed_q.weight"):
+            return self._kv_b_from_mlx(stem[:-len("kv_b_proj.")]), None
         weight = self.read(name, shape)
         if weight.dtype != FP8_DTYPE:
             return weight, None
@@ -110,7 +163,7 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path}: tensor '{name}' is float8_e4m3fn but config.json has no "
                 "quantization_config.weight_block_size")
-        scale_name = name.removesuffix("weight") + "weight_scale_inv"
+        scale_name = stem + "weight_scale_inv"
         if not self.has(scale_name):
             raise CheckpointError(f"{self.path}: FP8 tensor '{name}' has no block scales '{scale_name}'")
         scale_shape = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
@@ -120,3 +173,62 @@ class Checkpoint:
         if not torch.isfinite(scale).all():
             raise CheckpointError(f"{self.path}: '{scale_name}' holds non-finite scales")
         return weight, scale
+
+    def _read_affine(self, name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, AffineScales]:
+        """A packed MLX affine weight of logical shape [..., out, in]; bits and group size follow from the stored
+        shapes (as mlx-lm infers them) and must agree with config.json's `quantization`."""
+        stem, quant = name.removesuffix("weight"), self.args.affine
+        if quant is None:
+            raise CheckpointError(f"{self.path}: '{stem}scales' is present but config.json has no 'quantization' "
+                                  "entry (the MLX affine format)")
+        *lead, out, inp = shape
+        weight = self._read_any(name, None)
+        if weight.dtype != torch.uint32 or tuple(weight.shape[:-1]) != (*lead, out) or (weight.shape[-1] * 32) % inp:
+            raise CheckpointError(f"{self.path}: '{name}' is {weight.dtype} {list(weight.shape)}; a packed MLX affine "
+                                  f"weight of shape {list(shape)} is uint32 [{', '.join(map(str, (*lead, out)))}, in*bits/32]")
+        bits = weight.shape[-1] * 32 // inp
+        scales = self._read_any(stem + "scales", None)
+        groups = scales.shape[-1] if scales.dim() else 0
+        if tuple(scales.shape[:-1]) != (*lead, out) or not groups or inp % groups or scales.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{self.path}: '{stem}scales' is {scales.dtype} {list(scales.shape)}; expected a "
+                                  f"float tensor [{', '.join(map(str, (*lead, out)))}, in/group_size] for '{name}'")
+        group = inp // groups
+        biases = self._read_any(stem + "biases", tuple(scales.shape))
+        if biases.dtype != scales.dtype:
+            raise CheckpointError(f"{self.path}: '{stem}biases' is {biases.dtype} but '{stem}scales' is {scales.dtype}")
+        expected = quant.for_module(_mlx_module(stem[:-1]))
+        if expected is None:
+            raise CheckpointError(f"{self.path}: '{name}' is quantized but config.json's quantization lists "
+                                  f"'{_mlx_module(stem[:-1])}' as unquantized")
+        if (bits, group) != expected:
+            raise CheckpointError(
+                f"{self.path}: '{name}' and '{stem}scales' hold {bits}-bit values in groups of {group}, but config.json's "
+                f"quantization says {expected[0]}-bit in groups of {expected[1]}")
+        for part, t in (("scales", scales), ("biases", biases)):
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"{self.path}: '{stem}{part}' holds non-finite values")
+        return weight, AffineScales(scales, biases, bits, group)
+
+    def _kv_b_from_mlx(self, prefix: str) -> torch.Tensor:
+        """kv_b_proj [heads*(nope+v), kv_lora] (float32) from mlx-lm's split: `embed_q` [heads, kv_lora, nope]
+        (the key half, transposed) and `unembed_out` [heads, v, kv_lora], each dense or affine-quantized."""
+        a = self.args
+        w_uk = self._read_dense(prefix + "embed_q.weight", (a.num_attention_heads, a.kv_lora_rank, a.qk_nope_head_dim))
+        w_uv = self._read_dense(prefix + "unembed_out.weight", (a.num_attention_heads, a.v_head_dim, a.kv_lora_rank))
+        return torch.cat([w_uk.transpose(1, 2), w_uv], dim=1).flatten(0, 1)
+
+    def _read_dense(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.has(name.removesuffix("weight") + "scales"):
+            return dequantize(*self._read_affine(name, shape))
+        return self.read(name, shape).float()
+
+
+Scales = torch.Tensor | AffineScales | None  # FP8 block scales, MLX affine scales and biases, or none
+_EXPERT = re.compile(r"(?P<pre>.+\.mlp\.)experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\."
+                     r"(?P<part>weight|scales|biases)$")
+
+
+def _mlx_module(path: str) -> str:
+    """The module path mlx-lm uses for a Hugging Face module path (routed experts are stacked per layer)."""
+    m = _EXPERT.match(path + ".weight")
+    return f"{m['pre']}switch_mlp.{m['proj']}" if m else path

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+BITS = (4, 8)  # MLX affine formats moemesh runs
+GROUP_SIZES = (32, 64, 128)
 
 class ConfigError(ValueError):
     """A config.json this engine cannot run; the message names the field."""
@@ -30,6 +32,19 @@ class YarnScaling:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None  # cos/sin multiplier; derived from mscales when absent
     truncate: bool = True
+
+
+@dataclass(frozen=True)
+class AffineQuant:
+    """MLX affine quantization, as mlx-lm (and `moemesh quantize`) record it in config.json's `quantization`:
+    default bits and group size, plus per-module entries keyed by module path (e.g.
+    `model.layers.0.self_attn.o_proj`): (bits, group_size), or None for a module left unquantized."""
+    bits: int
+    group_size: int
+    overrides: dict[str, tuple[int, int] | None] = field(default_factory=dict, hash=False)
+
+    def for_module(self, path: str) -> tuple[int, int] | None:
+        return self.overrides.get(path, (self.bits, self.group_size))
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,8 @@ class ModelArgs:
     torch_dtype: str = "bfloat16"
     # Official FP8 format: e4m3 weights with one float32 scale per block of this shape.
     fp8_block: tuple[int, int] | None = None
+    # MLX affine format (int4/int8 groups): packed uint32 weights plus scales and biases.
+    affine: AffineQuant | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -144,13 +161,55 @@ def _rope(cfg: dict) -> tuple[float, YarnScaling | None]:
     )
 
 
+def _mlx_quantization(cfg: dict) -> dict | None:
+    """mlx-lm writes `quantization` and a copy of it as `quantization_config` (no quant_method there)."""
+    if "quantization" in cfg:
+        return cfg["quantization"]
+    quant = cfg.get("quantization_config")
+    return quant if isinstance(quant, dict) and "quant_method" not in quant and "bits" in quant else None
+
+
+def _affine_params(value: Any, where: str) -> tuple[int, int]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"config.json: {where} must be an object with 'bits' and 'group_size', got {value!r}")
+    mode = value.get("mode", "affine")
+    if mode != "affine":
+        raise ConfigError(f"config.json: {where}.mode '{mode}' is not supported (only 'affine')")
+    bits, group = value.get("bits"), value.get("group_size")
+    if bits not in BITS:
+        raise ConfigError(f"config.json: {where}.bits {bits!r} is not supported (only {' or '.join(map(str, BITS))})")
+    if group not in GROUP_SIZES:
+        raise ConfigError(f"config.json: {where}.group_size {group!r} is not supported "
+                          f"(only {', '.join(map(str, GROUP_SIZES))})")
+    return bits, group
+
+
+def _affine(cfg: dict) -> AffineQuant | None:
+    quant = _mlx_quantization(cfg)
+    if quant is None:
+        return None
+    if not isinstance(quant, dict):
+        raise ConfigError(f"config.json: 'quantization' must be an object, got {quant!r}")
+    bits, group = _affine_params(quant, "quantization")
+    overrides: dict[str, tuple[int, int] | None] = {}
+    for path, value in quant.items():
+        if path in ("bits", "group_size", "mode"):
+            continue
+        if isinstance(value, bool):
+            overrides[path] = (bits, group) if value else None
+        else:
+            overrides[path] = _affine_params(value, f"quantization['{path}']")
+    return AffineQuant(bits, group, overrides)
+
+
 def _fp8_block(cfg: dict) -> tuple[int, int] | None:
     quant = cfg.get("quantization_config")
-    if not quant:
+    if not quant or _mlx_quantization(cfg) is not None:
         return None
     method = quant.get("quant_method")
     if method != "fp8":
-        raise ConfigError(f"config.json: quantization_config.quant_method '{method}' is not supported (only 'fp8')")
+        raise ConfigError(f"config.json: quantization_config.quant_method '{method}' is not supported "
+                          "(only 'fp8', or MLX affine quantization as mlx-lm records it under 'quantization')")
     if quant.get("fmt", "e4m3") != "e4m3":
         raise ConfigError(f"config.json: quantization_config.fmt '{quant.get('fmt')}' is not supported (only 'e4m3')")
     block = quant.get("weight_block_size")
@@ -220,6 +279,7 @@ def args_from_dict(cfg: dict) -> ModelArgs:
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
         fp8_block=_fp8_block(cfg),
+        affine=_affine(cfg),
         extra={k: v for k, v in cfg.items() if k not in {f.name for f in fields(ModelArgs)}},
     )
     _validate(args)

@@ -16,6 +16,9 @@ from .layout import attention_shapes, block_shapes, head_shapes, layer_prefix, m
 from .routing import RoutingStats
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
+# For MoE layers whose routed experts live on several nodes: (layer, x [n, hidden], expert ids [n, k],
+# routing weights [n, k]) -> the routed experts' weighted sum [n, hidden]. Set by the cluster runtime.
+ExpertDispatch = Callable[[int, Any, Any, Any], Any]
 
 
 @dataclass
@@ -71,21 +74,35 @@ def _attention(ckpt: Checkpoint, backend: Backend, prefix: str) -> AttentionWeig
     )
 
 
+def _check_experts(a: ModelArgs, layer: int, experts: Iterable[int]) -> list[int]:
+    held = sorted(experts)
+    for e in held:
+        if not 0 <= e < a.n_routed_experts:
+            raise ValueError(f"layer {layer}: expert {e} does not exist (n_routed_experts={a.n_routed_experts})")
+    return held
+
+
+def load_experts(ckpt: Checkpoint, backend: Backend, layer: int, experts: Iterable[int]) -> dict[int, MlpWeights]:
+    """Routed experts of one MoE layer, without the rest of its block."""
+    a = ckpt.args
+    if not a.is_moe_layer(layer):
+        raise ValueError(f"layer {layer} is not a MoE layer")
+    return {e: _mlp(ckpt, backend, layer_prefix(layer) + f"mlp.experts.{e}.", a.hidden_size, a.moe_intermediate_size)
+            for e in _check_experts(a, layer, experts)}
+
+
 def load_block(ckpt: Checkpoint, backend: Backend, layer: int, experts: Iterable[int] | None = None) -> Block:
     a, p = ckpt.args, layer_prefix(layer)
     shapes = block_shapes(a, layer, experts=[])  # routed experts are checked one by one below
     norm_shape = (a.hidden_size,)
     if a.is_moe_layer(layer):
-        held = range(a.n_routed_experts) if experts is None else sorted(experts)
-        for e in held:
-            if not 0 <= e < a.n_routed_experts:
-                raise ValueError(f"layer {layer}: expert {e} does not exist (n_routed_experts={a.n_routed_experts})")
+        held = range(a.n_routed_experts) if experts is None else _check_experts(a, layer, experts)
         router = ckpt.read(p + "mlp.gate.weight", shapes[p + "mlp.gate.weight"])
         bias_name = p + "mlp.gate.e_score_correction_bias"
         ffn: MlpWeights | MoeWeights = MoeWeights(
             router=backend.vector(router, fp32=True),
             bias=backend.vector(ckpt.read(bias_name, shapes[bias_name]), fp32=True),
-            experts={e: _mlp(ckpt, backend, p + f"mlp.experts.{e}.", a.hidden_size, a.moe_intermediate_size) for e in held},
+            experts=load_experts(ckpt, backend, layer, held),
             shared=_mlp(ckpt, backend, p + "mlp.shared_experts.", a.hidden_size, a.moe_intermediate_size * a.n_shared_experts)
             if a.n_shared_experts else None,
         )
@@ -102,27 +119,33 @@ def load_block(ckpt: Checkpoint, backend: Backend, layer: int, experts: Iterable
 
 class Transformer:
     def __init__(self, args: ModelArgs, backend: Backend, blocks: dict[int, Block], embed: Any = None,
-                 norm: Any = None, lm_head: Any = None, mtp: list[MtpModule] | None = None):
+                 norm: Any = None, lm_head: Any = None, mtp: list[MtpModule] | None = None,
+                 held_experts: dict[int, dict[int, MlpWeights]] | None = None):
         self.args = args
         self.backend = backend
         self.blocks = blocks
         self.embed_table, self.norm, self.lm_head = embed, norm, lm_head
         self.mtp = mtp or []
+        self.held_experts = held_experts or {}  # routed experts of layers led elsewhere (expert sharding)
         self.expert_counts: dict[int, Any] = {}  # layer -> tokens routed to each expert (backend array)
+        self.dispatch: ExpertDispatch | None = None
+        self.dispatch_layers: set[int] = set()  # layers whose experts `dispatch` must gather from other nodes
 
     @classmethod
     def load(cls, ckpt: Checkpoint, backend: Backend, layers: Iterable[int] | None = None, head: bool = True,
              mtp: bool = True, experts: dict[int, list[int]] | None = None, progress: Progress | None = None
              ) -> Transformer:
         """Load the given layers (default: all) and, with `head`, embedding/norm/lm_head and the MTP module
-        when the checkpoint has it. `experts` limits the routed experts held per layer (expert sharding)."""
+        when the checkpoint has it. `experts` limits the routed experts held per layer (expert sharding);
+        for a layer not in `layers` it loads just those routed experts, for a lead on another node."""
         a = ckpt.args
         layers = list(range(a.num_hidden_layers) if layers is None else layers)
         for layer in layers:
             if not 0 <= layer < a.num_hidden_layers:
                 raise ValueError(f"layer {layer} does not exist (num_hidden_layers={a.num_hidden_layers})")
         mtp_layers = [m for m in a.mtp_layers if ckpt.has(layer_prefix(m) + "eh_proj.weight")] if head and mtp else []
-        total, done = len(layers) + len(mtp_layers) + int(head), 0
+        expert_only = {layer: ids for layer, ids in (experts or {}).items() if layer not in layers}
+        total, done = len(layers) + len(expert_only) + len(mtp_layers) + int(head), 0
 
         def tick(what: str) -> None:
             nonlocal done
@@ -134,6 +157,10 @@ class Transformer:
         for layer in layers:
             blocks[layer] = load_block(ckpt, backend, layer, (experts or {}).get(layer))
             tick(f"layer {layer}")
+        held = {}
+        for layer, ids in sorted(expert_only.items()):
+            held[layer] = load_experts(ckpt, backend, layer, ids)
+            tick(f"experts of layer {layer}")
         embed = norm = lm_head = None
         modules = []
         if head:
@@ -146,7 +173,7 @@ class Transformer:
             for m in mtp_layers:
                 modules.append(_load_mtp(ckpt, backend, m, lm_head))
                 tick(f"MTP layer {m}")
-        return cls(a, backend, blocks, embed, norm, lm_head, modules)
+        return cls(a, backend, blocks, embed, norm, lm_head, modules, held)
 
     @property
     def layers(self) -> list[int]:
@@ -156,7 +183,7 @@ class Transformer:
     def weight_bytes(self) -> int:
         """Bytes of resident weights (arrays shared by two parts, like a tied lm_head, count once)."""
         leaves: dict[int, int] = {}
-        for leaf in _leaves([self.blocks, self.embed_table, self.norm, self.lm_head, self.mtp]):
+        for leaf in _leaves([self.blocks, self.embed_table, self.norm, self.lm_head, self.mtp, self.held_experts]):
             leaves[id(leaf)] = leaf.nbytes
         return sum(leaves.values())
 
@@ -208,8 +235,11 @@ class Transformer:
         if isinstance(blk.ffn, MlpWeights):
             return h + b.mlp(blk.ffn, y)
         ids, weights = b.route(blk.ffn, y)
-        out, counts = b.experts(blk.ffn, y, ids, weights)
-        self.expert_counts[blk.layer] = self.expert_counts.get(blk.layer, 0) + counts
+        if blk.layer in self.dispatch_layers:
+            out = self.dispatch(blk.layer, y, ids, weights)
+        else:
+            out = b.experts(blk.ffn, y, ids, weights)
+        self.expert_counts[blk.layer] = self.expert_counts.get(blk.layer, 0) + b.expert_counts(ids)
         if blk.ffn.shared is not None:
             out = out + b.mlp(blk.ffn.shared, y)
         return h + out

@@ -48,6 +48,11 @@ class Tokenizer:
         config = json.loads(config_file.read_text()) if config_file.exists() else {}
         return cls(tok, config)
 
+    @classmethod
+    def from_json(cls, tokenizer_json: str, config_json: str = "") -> Tokenizer:
+        """From the two files' contents (as a coordinator sends them)."""
+        return cls(HFTokenizer.from_str(tokenizer_json), json.loads(config_json) if config_json else {})
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

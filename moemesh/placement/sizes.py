@@ -24,7 +24,7 @@ from operator import mul
 from ..model.config import ModelArgs
 from ..model.layout import Shape, attention_shapes, head_shapes, mlp_shapes, mtp_head_shapes, router_shapes
 
-QUANTS = ("bf16", "fp8", "int4", "int8")
+QUANTS = ("bf16", "fp8", "int4", "int8", "fp32")  # fp32: bf16 checkpoints run in float32
 ACTIVATION_BYTES = 2  # hidden states travel between nodes in bf16
 
 
@@ -43,12 +43,12 @@ class WeightFormat:
 
     @property
     def bits(self) -> int:
-        return {"bf16": 16, "fp8": 8, "int4": 4, "int8": 8}[self.name]
+        return {"bf16": 16, "fp8": 8, "int4": 4, "int8": 8, "fp32": 32}[self.name]
 
     def linear_bytes(self, shape: Shape) -> int:
         out, inp = shape
-        if self.name == "bf16":
-            return 2 * out * inp
+        if self.name in ("bf16", "fp32"):
+            return self.bits // 8 * out * inp
         if self.name == "fp8":
             bo, bi = self.fp8_block
             return out * inp + 4 * math.ceil(out / bo) * math.ceil(inp / bi)
@@ -58,10 +58,10 @@ class WeightFormat:
     def embedding_bytes(self, shape: Shape) -> int:
         if self.name in ("int4", "int8") and self.quantize_embeddings:
             return self.linear_bytes(shape)
-        return 2 * shape[0] * shape[1]
+        return (4 if self.name == "fp32" else 2) * shape[0] * shape[1]
 
     def router_bytes(self, shape: Shape) -> int:
-        return (4 if self.name == "fp8" else 2) * shape[0] * shape[1]
+        return (4 if self.name in ("fp8", "fp32") else 2) * shape[0] * shape[1]
 
 
 def weight_format(quant: str, args: ModelArgs | None = None, **kwargs) -> WeightFormat:
@@ -79,7 +79,7 @@ def tensor_bytes(name: str, shape: Shape, fmt: WeightFormat) -> int:
     if name.endswith("e_score_correction_bias"):
         return 4 * _numel(shape)
     if len(shape) == 1:
-        return 2 * shape[0]
+        return (4 if fmt.name == "fp32" else 2) * shape[0]
     if name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight"):
         return fmt.embedding_bytes(shape)
     if name.endswith("mlp.gate.weight") or name == "gate.weight":

@@ -14,6 +14,12 @@ torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor mla_decode_bf16(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor rows, torch::Tensor cos,
                               torch::Tensor sin, torch::Tensor cache, int64_t start, torch::Tensor w_uk,
                               torch::Tensor w_uv, double scale, bool interleave);
+using QArgs = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t>;
+torch::Tensor linear_q(torch::Tensor x, QArgs weight);
+torch::Tensor mlp_q(torch::Tensor x, QArgs gate, QArgs up, QArgs down);
+torch::Tensor experts_q(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, std::vector<int64_t> expert_ids,
+                        std::vector<QArgs> gates, std::vector<QArgs> ups, std::vector<QArgs> downs);
+torch::Tensor dequantize_q(QArgs weight, int64_t row_begin, int64_t row_end);
 }  // namespace moemesh
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -23,5 +29,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("experts_bf16", &moemesh::experts_bf16, "routed experts' weighted sum for a few bf16 tokens");
   m.def("route_bf16", &moemesh::route_bf16, "DeepSeek-V3 grouped sigmoid routing for a few bf16 tokens");
   m.def("rms_norm_bf16", &moemesh::rms_norm_bf16, "RMSNorm of bf16 rows");
+  m.def("linear_q", &moemesh::linear_q, "y = x @ w.T for a few bf16 tokens; w bf16, FP8 (128x128 blocks) or int4/int8 affine");
+  m.def("mlp_q", &moemesh::mlp_q, "SwiGLU MLP for a few bf16 tokens, weights in any linear_q format");
+  m.def("experts_q", &moemesh::experts_q, "routed experts' weighted sum for a few bf16 tokens, any linear_q format");
+  m.def("dequantize_q", &moemesh::dequantize_q, "rows of a linear_q weight as bf16");
   m.def("mla_decode_bf16", &moemesh::mla_decode_bf16, "MLA decode attention (absorbed form) for one request");
 }

@@ -1,0 +1,86 @@
+"""`moemesh.connect("HOST:PORT")`: a model served by a cluster, with the interface of `moemesh.load`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from .model.config import args_from_dict
+from .model.generate import GenerationStats
+from .model.tokenizer import Tokenizer
+from .transport import moemesh_pb2 as pb
+from .transport import moemesh_pb2_grpc as rpc
+from .transport.wire import GRPC_OPTIONS, tensor_from
+
+
+class ClusterModel:
+    def __init__(self, target: str, timeout: float = 30.0):
+        self.target = target
+        self.channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        self.stub = rpc.CoordinatorStub(self.channel)
+        try:
+            info = self.stub.Model(pb.Empty(), timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise ConnectionError(f"no moemesh coordinator answers at {target} ({e.code().name})") from None
+        self.args = args_from_dict(json.loads(info.config_json))
+        self.tokenizer = Tokenizer.from_json(info.tokenizer_json, info.tokenizer_config_json) if info.tokenizer_json else None
+        gen = json.loads(info.generation_config_json) if info.generation_config_json else {}
+        eos = gen.get("eos_token_id", list(self.args.eos_token_ids))
+        self.eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+        self.last_stats = GenerationStats()
+
+    def logits(self, batch) -> torch.Tensor:
+        """Full-sequence logits [batch, T, vocab] (float32) for equal-length token sequences."""
+        rows = [list(map(int, r)) for r in (batch.tolist() if hasattr(batch, "tolist") else batch)]
+        if not rows or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
+            raise ValueError("logits() takes a non-empty batch of equal-length, non-empty token sequences")
+        reply = self._call(self.stub.Logits, pb.LogitsRequest(tokens=[t for r in rows for t in r], batch=len(rows)))
+        return tensor_from(reply.logits)
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = None, stop: list[str] | None = None) -> Iterator[int]:
+        """Yield new token ids as the cluster produces them (EOS included when reached)."""
+        sampling = pb.Sampling(temperature=temperature, top_p=top_p, top_k=top_k, has_seed=seed is not None,
+                               seed=seed or 0)
+        request = pb.GenerateRequest(prompt=[int(t) for t in prompt_ids], max_new_tokens=max_new_tokens,
+                                     sampling=sampling, stop=stop or [])
+        self.last_stats = GenerationStats()
+        try:
+            for reply in self.stub.Generate(request):
+                if reply.done:
+                    self.last_stats = GenerationStats(reply.prompt_tokens, reply.new_tokens, reply.prefill_s,
+                                                      reply.decode_s, reply.finish_reason)
+                    return
+                yield reply.token
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = 256, **kwargs) -> list[int]:
+        return list(self.stream(prompt_ids, max_new_tokens, **kwargs))
+
+    def status(self) -> pb.Status:
+        return self._call(self.stub.Cluster, pb.Empty())
+
+    def _call(self, method, request):
+        try:
+            return method(request)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> ClusterModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _error(e: grpc.RpcError) -> Exception:
+    if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return ValueError(e.details())
+    return RuntimeError(f"cluster: {e.details() or e.code().name}")

@@ -1,0 +1,1 @@
+"""The coordinator lifecycle: `coordinator start` — find workers, profile them, plan, load, serve."""

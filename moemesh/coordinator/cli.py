@@ -1,0 +1,125 @@
+"""`coordinator start` and `coordinator status` (also under `moemesh coordinator ...`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+from rich.table import Table
+
+from ..units import fmt_bytes, seconds
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="The machine that plans and serves.")
+console = Console(stderr=True)
+
+
+def resolve(target: str | None, cluster: str = "default", interfaces: list[str] | None = None) -> str:
+    """HOST:PORT given, or the coordinator of `cluster` found by mDNS."""
+    if target and target != "auto":
+        return target
+    from ..transport.discovery import find_coordinator
+
+    found = asyncio.run(find_coordinator(cluster, interfaces))
+    if found is None:
+        raise typer.BadParameter(f"no coordinator of cluster '{cluster}' found by mDNS; pass HOST:PORT")
+    return found
+
+
+@app.command()
+def start(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint directory (config.json, *.safetensors, tokenizer)."),
+    name: str = typer.Option("coordinator"),
+    cluster: str = typer.Option("default", help="Several clusters on one LAN stay apart by name."),
+    host: str = typer.Option("0.0.0.0", help="Address to listen on."),
+    port: int = typer.Option(7070, help="Port to listen on."),
+    expect: int = typer.Option(None, help="Wait for this many workers before planning."),
+    wait: str = typer.Option(None, help="With --expect: wait at most this long (e.g. 30s); without: this long after the first worker (default 5s)."),
+    dtype: str = typer.Option("bfloat16", help="Compute dtype on every node (FP8 weights stay FP8)."),
+    split: str = typer.Option("auto", help="auto: the planner's fastest plan; even: equal layer split; even+experts: also spread experts."),
+    plan: Path = typer.Option(None, help="A plan.json (from `placement plan`) naming the workers."),
+    context: int = typer.Option(4096, help="Tokens of KV cache to leave room for."),
+    mdns_interface: list[str] = typer.Option(None, help="IPv4 address of an interface for mDNS (repeatable)."),
+    no_mdns: bool = typer.Option(False, help="Do not announce on mDNS (workers then need --coordinator)."),
+) -> None:
+    """Serve a model on the workers that join: plan, load, then generate (`moemesh generate --cluster`)."""
+    from ..model.checkpoint import CheckpointError
+    from .planning import SPLITS
+    from .server import UI, CoordinatorOptions, run_coordinator
+
+    if split not in SPLITS:
+        raise typer.BadParameter(f"--split must be one of {', '.join(SPLITS)}")
+    opts = CoordinatorOptions(model=model, name=name, cluster=cluster, host=host, port=port, expect=expect,
+                              wait=seconds(wait) if wait else None, dtype=dtype, split=split, plan_file=plan,
+                              context=context, mdns=not no_mdns, interfaces=mdns_interface or None)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=console,
+                  transient=True) as bars:
+        tasks: dict[str, int] = {}
+
+        def load_progress(node: str, stage: str, done: int, total: int) -> None:
+            key = f"{node} {stage}"
+            if key not in tasks:
+                tasks[key] = bars.add_task(f"{stage} on {node}", total=total or None)
+            bars.update(tasks[key], completed=done, total=total or None, visible=stage != "ready")
+
+        try:
+            asyncio.run(run_coordinator(opts, UI(log=bars.console.print, load_progress=load_progress)))
+        except KeyboardInterrupt:
+            console.print("coordinator stopped")
+        except (CheckpointError, ValueError, OSError) as e:
+            console.print(f"[red]error:[/] {e}")
+            raise typer.Exit(1) from None
+
+
+@app.command()
+def status(
+    coordinator: str = typer.Option(None, help="HOST:PORT (default: find it by mDNS)."),
+    cluster: str = typer.Option("default"),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+) -> None:
+    """Print the cluster: nodes, backend, memory, layers and experts held, link RTT, tokens/s."""
+    from google.protobuf.json_format import MessageToDict
+
+    from ..client import ClusterModel
+
+    target = resolve(coordinator, cluster)
+    try:
+        with ClusterModel(target, timeout=10) as model:
+            s = model.status()
+    except ConnectionError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(MessageToDict(s), indent=2))
+        return
+    print_status(s)
+
+
+def print_status(s) -> None:
+    out = Console()
+    out.print(f"[bold]{s.coordinator.name}[/] ({s.state}) serving {s.model}: {s.tokens_per_s:.1f} tokens/s now, "
+              f"plan predicts {s.predicted_tokens_per_s:.1f}; {s.active_requests} active request(s); hop latency "
+              f"median {s.hop_ms_median:.2f} ms, p99 {s.hop_ms_p99:.2f} ms")
+    table = Table("node", "state", "backend", "memory used / free", "layers", "experts", "RTT", "link", "mem BW",
+                  "matmul", "busy/step")
+    for n in s.nodes:
+        used = n.weight_bytes + n.kv_bytes
+        table.add_row(n.info.name, n.state, f"{n.info.backend}/{n.info.device}",
+                      f"{fmt_bytes(used)} / {fmt_bytes(max(n.info.memory_free - used, 0))}", _ranges(list(n.layers)),
+                      str(n.experts), f"{n.rtt_s * 1e3:.2f} ms", f"{n.link_bandwidth / 1e9:.2f} GB/s",
+                      f"{n.memory_bandwidth / 1e9:.1f} GB/s", f"{n.matmul_flops / 1e9:.0f} GFLOP/s",
+                      f"{n.busy_ms:.2f} ms")
+    out.print(table)
+
+
+def _ranges(values: list[int]) -> str:
+    from ..worker.server import _ranges as ranges
+
+    return ranges(values) or "-"
+
+
+if __name__ == "__main__":
+    app()

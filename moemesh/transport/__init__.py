@@ -1,0 +1,1 @@
+"""The wire: gRPC stubs generated from proto/moemesh.proto, tensor codec, versions, discovery."""

@@ -1,0 +1,44 @@
+"""`worker join` (also `moemesh worker join`)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from ..transport.wire import host_name
+from ..units import size_bytes
+from .server import WorkerOptions, serve
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="A machine that lends its memory and compute.")
+console = Console(stderr=True)
+
+
+@app.command()
+def join(
+    name: str = typer.Option(None, help="What to call this machine (default: its host name)."),
+    coordinator: str = typer.Option(None, help="HOST:PORT of the coordinator, where mDNS does not work."),
+    cluster: str = typer.Option("default", help="Join only the coordinator of this cluster."),
+    host: str = typer.Option("0.0.0.0", help="Address to listen on."),
+    port: int = typer.Option(0, help="Port to listen on (0: any free one)."),
+    memory: str = typer.Option(None, help="Memory to offer, e.g. 48GB (default: what is available, less 10%)."),
+    mdns_interface: list[str] = typer.Option(None, help="IPv4 address of an interface for mDNS (repeatable)."),
+    no_mdns: bool = typer.Option(False, help="Neither announce nor look on mDNS (needs --coordinator)."),
+    fetch_weights: bool = typer.Option(False, help="Take weights from the coordinator even if the files are here."),
+) -> None:
+    """Join a cluster: announce on mDNS, find the coordinator, and run what it assigns until Ctrl-C."""
+    if no_mdns and not coordinator:
+        raise typer.BadParameter("--no-mdns needs --coordinator HOST:PORT")
+    try:
+        offered = size_bytes(memory) if memory else None
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    opts = WorkerOptions(name=name or host_name(), cluster=cluster, host=host, port=port, coordinator=coordinator,
+                         mdns=not no_mdns, interfaces=mdns_interface or None, memory=offered,
+                         fetch_weights=fetch_weights)
+    sys.exit(serve(opts, log=console.print))
+
+
+if __name__ == "__main__":
+    app()

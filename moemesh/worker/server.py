@@ -1,0 +1,390 @@
+"""The worker process: a gRPC server (Worker + Pipeline services) plus the join loop — find the
+coordinator (mDNS or an address), register, then do what it asks: profile, load a shard, run steps."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from safetensors.torch import save_file
+
+from ..kernels import get_backend
+from ..model.checkpoint import Checkpoint, fingerprint
+from ..model.config import args_from_dict
+from ..model.layout import block_shapes, layer_prefix, mlp_shapes
+from ..model.model import Transformer
+from ..transport import moemesh_pb2 as pb
+from ..transport import moemesh_pb2_grpc as rpc
+from ..transport.discovery import Announcement, Discovery
+from ..transport.wire import (GRPC_OPTIONS, PROTOCOL_VERSION, ProtocolError, address, new_node_id, node_info,
+                              peer_host, tensor_from, tensor_msg, version_problem)
+from .profile import matmul_flops, memory_bandwidth
+from .shard import Shard
+
+
+@dataclass
+class WorkerOptions:
+    name: str
+    cluster: str = "default"
+    host: str = "0.0.0.0"
+    port: int = 0
+    coordinator: str | None = None  # host:port; None: find it by mDNS
+    mdns: bool = True
+    interfaces: list[str] | None = None  # mDNS interfaces (IPv4 addresses); None: all
+    memory: int | None = None  # bytes offered; None: what the OS says is available, less a margin
+    fetch_weights: bool = False  # always take weights from the coordinator
+    cache_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "moemesh-shards")
+
+
+class RemoteExperts:
+    """Calls another worker's Experts RPC; `submit` returns a future of the rows (sync gRPC: it is used
+    from the compute thread, in the middle of a layer)."""
+
+    def __init__(self, target: str):
+        self.channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        self.stub = rpc.WorkerStub(self.channel)
+
+    def submit(self, layer: int, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor):
+        call = self.stub.Experts.future(pb.ExpertBatch(layer=layer, x=tensor_msg(x), token=token.tolist(),
+                                                       expert=expert.tolist(), weight=weight.float().tolist()), timeout=120)
+        return _Rows(call, x.device)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class _Rows:
+    def __init__(self, call, device):
+        self.call, self.device = call, device
+
+    def result(self) -> torch.Tensor:
+        return tensor_from(self.call.result().rows, self.device)
+
+
+class Downstream:
+    """A persistent Forward stream to the next stage of the ring."""
+
+    def __init__(self, target: str):
+        self.channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+        self.call = rpc.PipelineStub(self.channel).Forward()
+        self.drain = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            async for _ in self.call:
+                pass
+        except grpc.aio.AioRpcError:
+            pass  # the next stage went away: the coordinator notices and re-plans
+
+    async def send(self, step: pb.Step) -> None:
+        await self.call.write(step)
+
+    async def close(self) -> None:
+        self.drain.cancel()
+        await self.channel.close()
+
+
+class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
+    def __init__(self, opts: WorkerOptions, log=print):
+        self.opts = opts
+        self.log = log
+        self.node_id = new_node_id()
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute")  # steps and loading, in order
+        self.expert_pool = ThreadPoolExecutor(1, thread_name_prefix="experts")  # other leads' expert calls
+        self.shard: Shard | None = None
+        self.spec: pb.ShardSpec | None = None
+        self.downstream: Downstream | None = None
+        self.peers: dict[str, RemoteExperts] = {}
+        self.coordinator: str | None = None  # host:port, once registered
+        self.last_heard = time.monotonic()
+        self.port = 0
+        self.refused: str | None = None
+
+    def info(self) -> pb.NodeInfo:
+        memory = self.opts.memory
+        info = node_info(self.node_id, self.opts.name, self.opts.cluster, self.port, memory_free=memory)
+        if memory is None:
+            info.memory_free = int(info.memory_free * 0.9)  # leave the OS and this process room
+        return info
+
+    # ---- Worker service
+    async def Hello(self, request: pb.NodeInfo, context) -> pb.NodeInfo:
+        problem = version_problem(request, f"worker {self.opts.name}")
+        if problem:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        self.last_heard = time.monotonic()
+        return self.info()
+
+    async def Profile(self, request: pb.ProfileRequest, context) -> pb.ProfileReply:
+        loop = asyncio.get_running_loop()
+        bandwidth = await loop.run_in_executor(self.compute, memory_bandwidth)
+        flops = await loop.run_in_executor(self.compute, matmul_flops, request.dtype or "bfloat16")
+        info = self.info()
+        return pb.ProfileReply(memory_bandwidth=bandwidth, matmul_flops=flops, memory_total=info.memory_total,
+                               memory_free=info.memory_free)
+
+    async def Echo(self, request: pb.EchoMessage, context) -> pb.EchoMessage:
+        self.last_heard = time.monotonic()
+        return pb.EchoMessage() if request.reply_empty else request
+
+    async def Heartbeat(self, request: pb.Empty, context) -> pb.Health:
+        self.last_heard = time.monotonic()
+        model = self.shard.model if self.shard else None
+        return pb.Health(time=time.time(), memory_free=self.info().memory_free,
+                         kv_bytes=self.shard.kv_bytes if self.shard else 0,
+                         weight_bytes=model.weight_bytes if model else 0,
+                         requests=len(self.shard.caches) if self.shard else 0,
+                         plan_id=self.spec.plan_id if self.spec else 0)
+
+    async def Cache(self, request: pb.CacheRequest, context) -> pb.CacheReply:
+        if self.shard is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded")
+        if request.op == pb.CacheRequest.FREE:
+            self.shard.caches.pop(request.request_id, None)
+            return pb.CacheReply()
+        cache = self.shard.cache(request.request_id)
+        if request.op == pb.CacheRequest.TRUNCATE:
+            cache.truncate(request.length)
+        return pb.CacheReply(length=cache.length, bytes=cache.nbytes)
+
+    async def Experts(self, request: pb.ExpertBatch, context) -> pb.ExpertResult:
+        if self.shard is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded")
+        device = self.shard.backend.device
+        x = tensor_from(request.x, device)
+        token = torch.tensor(list(request.token), dtype=torch.long)
+        expert = torch.tensor(list(request.expert), dtype=torch.long)
+        weight = torch.tensor(list(request.weight), dtype=torch.float32, device=device)
+        try:
+            rows = await asyncio.get_running_loop().run_in_executor(
+                self.expert_pool, self.shard.serve_experts, request.layer, x, token, expert, weight)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.ExpertResult(rows=tensor_msg(rows))
+
+    async def Routing(self, request: pb.Empty, context) -> pb.RoutingCounts:
+        reply = pb.RoutingCounts()
+        if self.shard is not None:
+            stats = self.shard.model.routing_stats()
+            reply.n_routed_experts = stats.n_routed_experts
+            for layer, counts in stats.layers.items():
+                reply.layers[layer].tokens.extend(counts)
+        return reply
+
+    async def LoadShard(self, spec: pb.ShardSpec, context):
+        self.last_heard = time.monotonic()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[pb.LoadProgress] = asyncio.Queue()
+
+        def progress(what: str, done: int, total: int) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, pb.LoadProgress(stage="loading", done=done, total=total))
+
+        try:
+            path = Path(spec.model_path)
+            if spec.fetch or self.opts.fetch_weights or not _same_model(path, spec.fingerprint):
+                async for update in self._fetch(spec):
+                    yield update
+                path = self._shard_dir(spec)
+            task = loop.run_in_executor(self.compute, self._load, path, spec, progress)
+            while not task.done() or not queue.empty():
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            model = task.result()
+        except Exception as e:  # any failure goes back to the coordinator as words, the worker stays up
+            self.log(f"[red]loading failed:[/] {e}")
+            yield pb.LoadProgress(stage="error", error=f"{self.opts.name}: {e}")
+            return
+        await self._connect(spec, model)
+        self.log(f"loaded layers {_ranges(list(spec.layers)) or '-'}"
+                 f"{', experts of ' + _ranges([e.layer for e in spec.experts]) if spec.experts else ''}: "
+                 f"{model.weight_bytes / 1e9:.2f} GB of weights")
+        yield pb.LoadProgress(stage="ready", done=1, total=1, weight_bytes=model.weight_bytes)
+
+    def _load(self, path: Path, spec: pb.ShardSpec, progress) -> Transformer:
+        ckpt = Checkpoint(path)
+        backend = get_backend("torch", ckpt.args, dtype=spec.dtype or "bfloat16", device=spec.device or "cpu")
+        experts = {e.layer: list(e.experts) for e in spec.experts}
+        return Transformer.load(ckpt, backend, layers=list(spec.layers), head=False, experts=experts, progress=progress)
+
+    async def _connect(self, spec: pb.ShardSpec, model: Transformer) -> None:
+        for peer in self.peers.values():
+            peer.close()
+        self.peers = {p.node_id: RemoteExperts(p.address) for p in spec.peers}
+        homes: dict[int, dict[int, list[tuple[str, float]]]] = {}
+        for h in spec.homes:
+            homes.setdefault(h.layer, {})[h.expert] = list(zip(h.nodes, h.shares))
+        self.shard = Shard(model, homes, {node: peer.submit for node, peer in self.peers.items()})
+        self.spec = spec
+        if self.downstream is not None:
+            await self.downstream.close()
+        self.downstream = Downstream(spec.next_hop or self.coordinator)
+
+    def _shard_dir(self, spec: pb.ShardSpec) -> Path:
+        key = hashlib.sha256(spec.fingerprint.encode() + spec.SerializeToString(deterministic=True)).hexdigest()[:16]
+        return self.opts.cache_dir / key
+
+    async def _fetch(self, spec: pb.ShardSpec):
+        """Stream this shard's tensors from the coordinator into a local checkpoint, checking each sha256."""
+        target = self._shard_dir(spec)
+        if (target / "config.json").exists():
+            return
+        async with grpc.aio.insecure_channel(self.coordinator, options=GRPC_OPTIONS) as channel:
+            stub = rpc.CoordinatorStub(channel)
+            model = await stub.Model(pb.Empty())
+            args = args_from_dict(json.loads(model.config_json))
+            names = _shard_tensor_names(args, list(spec.layers), {e.layer: list(e.experts) for e in spec.experts})
+            tensors, parts, digest, received = {}, [], hashlib.sha256(), 0
+            async for chunk in stub.FetchTensors(pb.FetchRequest(names=names)):
+                parts.append(chunk.data)
+                digest.update(chunk.data)
+                received += len(chunk.data)
+                if chunk.last:
+                    if digest.hexdigest() != chunk.sha256:
+                        raise ProtocolError(f"tensor '{chunk.name}' arrived corrupted (sha256 mismatch)")
+                    tensors[chunk.name] = tensor_from(pb.Tensor(dtype=chunk.dtype, shape=chunk.shape, data=b"".join(parts)))
+                    parts, digest = [], hashlib.sha256()
+                yield pb.LoadProgress(stage="fetching", done=received, total=chunk.total_bytes)
+        tmp = target.with_name(target.name + ".partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(model.config_json)
+        tmp.rename(target)
+
+    # ---- Pipeline service
+    async def Forward(self, request_iterator, context):
+        loop = asyncio.get_running_loop()
+        async for step in request_iterator:
+            received = time.time()
+            if not step.error:
+                try:
+                    if self.shard is None:
+                        raise ProtocolError("no shard loaded")
+                    x = tensor_from(step.hidden, self.shard.backend.device)
+                    segments = [(s.request_id, s.start, s.length) for s in step.segments]
+                    y = await loop.run_in_executor(self.compute, self.shard.step, segments, x, list(step.free))
+                    step.hidden.CopyFrom(tensor_msg(y))
+                except Exception as e:  # reported to the coordinator through the ring
+                    step.error = f"{self.opts.name}: {type(e).__name__}: {e}"
+            step.hops.append(pb.Hop(node_id=self.node_id, received=received, sent=time.time()))
+            if self.downstream is not None:
+                await self.downstream.send(step)
+            yield pb.StepAck(step_id=step.step_id)
+
+
+def _same_model(path: Path, expected: str) -> bool:
+    try:
+        return path.is_dir() and fingerprint(path) == expected
+    except OSError:
+        return False
+
+
+def _shard_tensor_names(args, layers: list[int], experts: dict[int, list[int]]) -> list[str]:
+    """Names a shard needs (the coordinator adds companions such as FP8 block scales)."""
+    names = []
+    for layer in layers:
+        names += list(block_shapes(args, layer, experts.get(layer)))
+    for layer, ids in experts.items():
+        if layer not in layers:
+            for e in ids:
+                prefix = layer_prefix(layer) + f"mlp.experts.{e}."
+                names += [prefix + k for k in mlp_shapes(args.hidden_size, args.moe_intermediate_size)]
+    return names
+
+
+def _ranges(values: list[int]) -> str:
+    """[0,1,2,5,6] -> '0-2, 5-6'."""
+    out, values = [], sorted(set(values))
+    for v in values:
+        if out and v == out[-1][1] + 1:
+            out[-1][1] = v
+        else:
+            out.append([v, v])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)
+
+
+async def run_worker(opts: WorkerOptions, log=print, ready: asyncio.Event | None = None) -> int:
+    """Serve until cancelled (Ctrl-C). Returns the exit status: 1 if the coordinator refused us."""
+    worker = WorkerServer(opts, log)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    rpc.add_WorkerServicer_to_server(worker, server)
+    rpc.add_PipelineServicer_to_server(worker, server)
+    worker.port = server.add_insecure_port(address(opts.host, opts.port))
+    await server.start()
+    log(f"worker [bold]{opts.name}[/] ({worker.node_id}) listening on port {worker.port}, cluster '{opts.cluster}'")
+    discovery = Discovery(opts.interfaces) if opts.mdns else None
+    found: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        if discovery is not None:
+            info = worker.info()
+            await discovery.advertise(f"worker-{opts.name}-{worker.node_id}", worker.port, {
+                "role": "worker", "cluster": opts.cluster, "protocol": str(PROTOCOL_VERSION), "node_id": worker.node_id,
+                "name": opts.name, "backend": info.backend, "device": info.device,
+                "memory_total": str(info.memory_total), "memory_free": str(info.memory_free)})
+            if opts.coordinator is None:
+                discovery.watch(lambda a: a.role == "coordinator" and a.properties.get("cluster") == opts.cluster,
+                                lambda a: found.put_nowait(address(a.addresses[0], a.port)))
+        if ready is not None:
+            ready.set()
+        return await _join_loop(worker, opts, found, log)
+    finally:
+        if discovery is not None:
+            await discovery.close()
+        await server.stop(grace=1)
+        worker.compute.shutdown(wait=False)
+        worker.expert_pool.shutdown(wait=False)
+
+
+async def _join_loop(worker: WorkerServer, opts: WorkerOptions, found: asyncio.Queue, log) -> int:
+    """Register with the coordinator; if it goes quiet, look for it again."""
+    announced = False
+    while True:
+        if opts.coordinator:
+            target = opts.coordinator
+        else:
+            if not announced:
+                log(f"looking for a coordinator of cluster '{opts.cluster}' on the network (mDNS)...")
+                announced = True
+            target = await found.get()
+        try:
+            async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+                reply = await rpc.CoordinatorStub(channel).Register(worker.info(), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            if not announced:
+                log(f"coordinator {target} not reachable yet ({e.code().name}); retrying")
+                announced = True
+            await asyncio.sleep(1.0)
+            continue
+        if not reply.accepted:
+            log(f"[red]refused by the coordinator:[/] {reply.reason}")
+            return 1
+        worker.coordinator = target
+        worker.last_heard = time.monotonic()
+        log(f"joined coordinator {reply.coordinator.name} at {target}")
+        announced = False
+        while time.monotonic() - worker.last_heard < 15:  # it heartbeats every second
+            await asyncio.sleep(1.0)
+        log(f"coordinator {target} went quiet; looking again")
+        if opts.coordinator is None:
+            while not found.empty():
+                found.get_nowait()
+
+
+def serve(opts: WorkerOptions, log=print) -> int:
+    try:
+        return asyncio.run(run_worker(opts, log))
+    except KeyboardInterrupt:
+        log("worker stopped")
+        return 0

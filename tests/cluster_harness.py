@@ -1,0 +1,89 @@
+"""Start a real coordinator and real workers as separate processes (the CLI a user runs), wait until the
+cluster serves, and tear everything down. Traffic stays on 127.0.0.1 unless a test's own namespaces."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import moemesh
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    def __init__(self, model: Path, workers: int, logdir: Path, coordinator_args: list[str] = (),
+                 worker_args: list[str] = (), mdns: bool = False, prefix: list[str] = (), host: str = "127.0.0.1"):
+        self.model, self.logdir, self.host = model, logdir, host
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        mdns_args = ["--mdns-interface", host] if mdns else ["--no-mdns"]
+        self.start("coordinator", [*prefix, sys.executable, "-m", "moemesh.cli", "coordinator", "start", "--model",
+                                   str(model), "--host", host, "--port", str(self.port), "--expect", str(workers),
+                                   *mdns_args, *coordinator_args])
+        for i in range(workers):
+            self.add_worker(f"w{i + 1}", [*worker_args, *([] if mdns else ["--coordinator", self.target])],
+                            mdns_args=mdns_args, prefix=prefix)
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.logdir / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or self.env, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def add_worker(self, name: str, args: list[str] = (), env: dict | None = None, mdns_args: list[str] | None = None,
+                   prefix: list[str] = ()) -> subprocess.Popen:
+        return self.start(name, [*prefix, sys.executable, "-m", "moemesh.cli", "worker", "join", "--name", name,
+                                 "--host", self.host, *(mdns_args or ["--no-mdns"]), *args], env)
+
+    def log(self, name: str) -> str:
+        return (self.logdir / f"{name}.log").read_text()
+
+    def wait_ready(self, timeout: float = 120.0, nodes: int | None = None):
+        """Wait until the coordinator serves (and, with `nodes`, has that many serving workers)."""
+        deadline = time.monotonic() + timeout
+        model = None
+        while time.monotonic() < deadline:
+            if self.procs["coordinator"].poll() is not None:
+                raise RuntimeError("the coordinator exited:\n" + self.log("coordinator"))
+            try:
+                model = model or moemesh.connect(self.target, timeout=5)
+                status = model.status()
+                serving = [n for n in status.nodes if n.state == "serving"]
+                if status.state == "ready" and (nodes is None or len(serving) == nodes):
+                    return model
+            except (ConnectionError, RuntimeError):
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("the cluster did not become ready:\n" + "\n".join(
+            f"--- {n}\n{self.log(n)}" for n in self.procs))
+
+    def kill(self, name: str) -> None:
+        os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait(10)
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)

@@ -1,0 +1,117 @@
+"""A coordinator and workers as real processes on 127.0.0.1: greedy output equals one machine's, token
+for token, for pipeline-only and pipeline + expert-sharded placements, with concurrent requests; a
+worker lost mid-generation is re-planned around; version skew is refused; weights can be streamed."""
+
+import concurrent.futures as cf
+import json
+import threading
+
+import pytest
+import torch
+from cluster_harness import LocalCluster
+from hf_reference import build_checkpoint, make_config
+
+import moemesh
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    build_checkpoint(path, make_config(num_hidden_layers=4, max_position_embeddings=256), seed=3)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))  # generate to the end
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(checkpoint):
+    return moemesh.load(checkpoint, dtype="float32")
+
+
+PROMPTS = [[5, 9, 17], list(range(20, 31)), list(range(40, 47)) * 3, [99]]
+
+
+def check_against_single(model, single, max_new: int = 24):
+    with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:  # 4 requests at once, of different lengths
+        outputs = list(pool.map(lambda p: model.generate(p, max_new_tokens=max_new), PROMPTS))
+    for prompt, out in zip(PROMPTS, outputs):
+        assert out == single.generate(prompt, max_new_tokens=max_new), f"prompt of {len(prompt)} tokens"
+    ids = torch.tensor([PROMPTS[1], list(range(60, 71))])
+    assert torch.allclose(model.logits(ids), single.logits(ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("split", ["even", "even+experts"])
+def test_three_workers_match_one_machine(checkpoint, single, tmp_path, split):
+    cluster = LocalCluster(checkpoint, 3, tmp_path, ["--split", split, "--dtype", "float32"])
+    try:
+        model = cluster.wait_ready(nodes=3)
+        status = model.status()
+        plan = json.loads(status.plan_json)
+        assert [(s["start"], s["end"]) for s in plan["stages"]] == [(0, 1), (1, 3), (3, 4)]
+        assert sorted(s["lead"] for s in plan["stages"]) == ["w1", "w2", "w3"]
+        if split == "even+experts":  # every MoE layer's experts live on more than one node
+            for layer in plan["experts"]:
+                assert len({node for reps in layer["replicas"] for node, _ in reps}) > 1
+        check_against_single(model, single)
+        status = model.status()
+        assert status.hop_ms_median > 0 and {n.info.name for n in status.nodes} == {"w1", "w2", "w3"}
+        assert "joined from 127.0.0.1" in cluster.log("coordinator")
+    finally:
+        cluster.close()
+
+
+def test_worker_lost_mid_generation_is_replanned_and_resumed(checkpoint, single, tmp_path):
+    cluster = LocalCluster(checkpoint, 3, tmp_path, ["--split", "even", "--dtype", "float32"])
+    try:
+        model = cluster.wait_ready(nodes=3)
+        prompt = PROMPTS[1]
+        middle = json.loads(model.status().plan_json)["stages"][1]["lead"]
+        got, killed = [], threading.Event()
+        for token in model.stream(prompt, max_new_tokens=200):
+            got.append(token)
+            if len(got) == 5:
+                cluster.kill(middle)  # the middle of the pipeline vanishes
+                killed.set()
+        assert killed.is_set()
+        assert got == single.generate(prompt, max_new_tokens=200)
+        log = cluster.log("coordinator")
+        lost = middle
+        assert f"lost worker {lost}" in log and "planning (" in log
+        status = model.status()
+        assert {n.info.name: n.state for n in status.nodes}[lost] == "lost"
+        assert sorted(s["lead"] for s in json.loads(status.plan_json)["stages"]) == sorted({"w1", "w2", "w3"} - {lost})
+    finally:
+        cluster.close()
+
+
+def test_version_skew_is_refused_with_both_versions(checkpoint, tmp_path):
+    cluster = LocalCluster(checkpoint, 1, tmp_path, ["--dtype", "float32"])
+    try:
+        cluster.wait_ready(nodes=1)
+        skewed = cluster.add_worker("old", ["--coordinator", cluster.target],
+                                    env=cluster.env | {"MOEMESH_PROTOCOL_VERSION": "99"})
+        assert skewed.wait(60) == 1
+        for log in (cluster.log("old"), cluster.log("coordinator")):
+            assert "protocol 99" in log and "protocol 1" in log, log
+    finally:
+        cluster.close()
+
+
+def test_worker_without_the_files_gets_the_weights_streamed(checkpoint, single, tmp_path):
+    cluster = LocalCluster(checkpoint, 2, tmp_path, ["--split", "even", "--dtype", "float32"],
+                           worker_args=["--fetch-weights"])
+    try:
+        model = cluster.wait_ready(nodes=2)
+        assert model.generate(PROMPTS[0], max_new_tokens=12) == single.generate(PROMPTS[0], max_new_tokens=12)
+    finally:
+        cluster.close()
+
+
+def test_workers_found_by_mdns_on_loopback(checkpoint, single, tmp_path):
+    """No address given to the workers: they find the coordinator by mDNS (bound to 127.0.0.1)."""
+    cluster = LocalCluster(checkpoint, 2, tmp_path, ["--split", "even", "--dtype", "float32"], mdns=True)
+    try:
+        model = cluster.wait_ready(nodes=2)
+        assert model.generate(PROMPTS[2], max_new_tokens=8) == single.generate(PROMPTS[2], max_new_tokens=8)
+        assert "looking for a coordinator" in cluster.log("w1")
+    finally:
+        cluster.close()
