@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .coordinator.cli import app as coordinator_app
+from .coordinator.cli import print_status, resolve
+from .units import fmt_bytes
+from .worker.cli import app as worker_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distributed inference of DeepSeek-V3-class mixture-of-experts models.")
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(worker_app, name="worker")
 console = Console(stderr=True)
-
-
-def _add_lifecycles() -> None:
-    from .coordinator.cli import app as coordinator_app
-    from .worker.cli import app as worker_app
-
-    app.add_typer(coordinator_app, name="coordinator")
-    app.add_typer(worker_app, name="worker")
-
-
-_add_lifecycles()
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def load_with_progress(model: Path, backend: str, dtype: str, device: str):
@@ -46,32 +35,35 @@ def load_with_progress(model: Path, backend: str, dtype: str, device: str):
         return Engine.load(model, backend=backend, dtype=dtype, device=device, progress=progress)
 
 
-def run_generation(engine, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float, top_k: int,
-                   seed: int | None, stop: list[str] | None, save_routing: Path | None) -> None:
+def stream_text(model, prompt: str, chat: bool, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                top_k: int = 0, seed: int | None = None, stop: list[str] | None = None) -> None:
+    """Print the completion as it streams, then tokens/s. `model`: an Engine or a ClusterModel."""
     from .model.generate import TextStream
 
-    tok = engine.tokenizer
+    tok = model.tokenizer
     if tok is None:
-        raise typer.BadParameter("this checkpoint has no tokenizer.json, so text prompts cannot be encoded")
+        raise ValueError("this checkpoint has no tokenizer.json, so text prompts cannot be encoded")
     ids = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
     text = TextStream(tok.decode, stop)
-    out = sys.stdout
     if not chat:
-        out.write(prompt)
-    for token in engine.stream(ids, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop):
-        out.write(text.add(token))
-        out.flush()
-    out.write(text.flush() + "\n")
-    s, a = engine.last_stats, engine.args
+        sys.stdout.write(prompt)
+    for token in model.stream(ids, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop):
+        sys.stdout.write(text.add(token))
+        sys.stdout.flush()
+    sys.stdout.write(text.flush() + "\n")
+    s = model.last_stats
+    console.print(f"[dim]prompt {s.prompt_tokens} tokens: prefill {s.prefill_tokens_per_s:.1f} tok/s | "
+                  f"{s.new_tokens} new tokens: decode {s.decode_tokens_per_s:.1f} tok/s | finish: {s.finish_reason}[/]")
+
+
+def report_local(engine, save_routing: Path | None = None) -> None:
+    a, s = engine.args, engine.last_stats
     per_layer = engine.kv_bytes_per_token_per_layer
-    layers = a.num_hidden_layers
     console.print(
-        f"[dim]prompt {s.prompt_tokens} tokens: prefill {s.prefill_tokens_per_s:.1f} tok/s | "
-        f"{s.new_tokens} new tokens: decode {s.decode_tokens_per_s:.1f} tok/s | finish: {s.finish_reason}[/]")
-    console.print(
-        f"[dim]weights {_fmt_bytes(engine.weight_bytes)} | KV cache {per_layer} B/token/layer "
+        f"[dim]weights {fmt_bytes(engine.weight_bytes)} | KV cache {per_layer} B/token/layer "
         f"(({a.kv_lora_rank} latent + {a.qk_rope_head_dim} rope) x {engine.backend.element_size} B), "
-        f"{_fmt_bytes(per_layer * layers * (s.prompt_tokens + s.new_tokens))} for this request over {layers} layers[/]")
+        f"{fmt_bytes(per_layer * a.num_hidden_layers * (s.prompt_tokens + s.new_tokens))} for this request "
+        f"over {a.num_hidden_layers} layers[/]")
     if save_routing:
         engine.routing_stats().save(save_routing)
         console.print(f"[dim]routing statistics written to {save_routing}[/]")
@@ -79,7 +71,8 @@ def run_generation(engine, prompt: str, chat: bool, max_tokens: int, temperature
 
 @app.command()
 def generate(
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint directory (config.json, *.safetensors, tokenizer.json)."),
+    model: Path = typer.Option(None, "--model", "-m", help="Checkpoint directory (config.json, *.safetensors, tokenizer.json)."),
+    cluster: str = typer.Option(None, help="Generate on a cluster: the coordinator's HOST:PORT, or 'auto' to find it by mDNS."),
     prompt: str = typer.Option(..., "--prompt", "-p"),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1),
@@ -93,13 +86,23 @@ def generate(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     save_routing: Path | None = typer.Option(None, help="Write per-expert routing counts (JSON) for the planner."),
 ) -> None:
-    """Generate text from a checkpoint on this machine, streaming it as it comes."""
+    """Generate text, streaming it as it comes: on this machine (--model) or on a cluster (--cluster)."""
     from .model.checkpoint import CheckpointError
 
+    if (model is None) == (cluster is None):
+        raise typer.BadParameter("give either --model DIR (this machine) or --cluster HOST:PORT")
     try:
+        if cluster is not None:
+            from .client import ClusterModel
+
+            with ClusterModel(resolve(cluster)) as remote:
+                stream_text(remote, prompt, chat, max_tokens, temperature, top_p, top_k, seed, stop)
+                print_status(remote.status())
+            return
         engine = load_with_progress(model, backend, dtype, device)
-        run_generation(engine, prompt, chat, max_tokens, temperature, top_p, top_k, seed, stop, save_routing)
-    except (CheckpointError, ValueError) as e:
+        stream_text(engine, prompt, chat, max_tokens, temperature, top_p, top_k, seed, stop)
+        report_local(engine, save_routing)
+    except (CheckpointError, ValueError, ConnectionError, RuntimeError) as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(1) from None
 
@@ -108,21 +111,43 @@ def generate(
 def demo(
     prompt: str = typer.Option("Tell me about mixture-of-experts models.", "--prompt", "-p"),
     max_tokens: int = typer.Option(48, "--max-tokens", "-n", min=1),
+    workers: int = typer.Option(3, min=1, max=8, help="Local worker processes."),
+    local: bool = typer.Option(False, help="One process, no cluster."),
     dtype: str = typer.Option("bfloat16"),
 ) -> None:
-    """Run the built-in default model end to end (no download)."""
-    from .demo import default_demo_dir, ensure_demo_checkpoint
+    """The built-in default model end to end, no download: a coordinator and local workers on 127.0.0.1."""
+    from .demo import ensure_demo_checkpoint
+    from .launch import LocalCluster
 
     path, built = ensure_demo_checkpoint()
     console.print(
         f"[bold]moemesh demo[/]: {'built' if built else 'using'} the built-in demo checkpoint at {path} — a small "
         "DeepSeek-V3-architecture model (MLA, 32 routed experts + 1 shared, YaRN rope, MTP layer) with random "
         "weights, made on this machine. Its text is gibberish; the point is the whole path working.")
-    engine = load_with_progress(path if path.exists() else default_demo_dir(), "torch", dtype, "cpu")
-    a = engine.args
-    console.print(f"[dim]{a.num_hidden_layers} layers, hidden {a.hidden_size}, {a.n_routed_experts} experts "
-                  f"(top-{a.num_experts_per_tok}), vocab {a.vocab_size}, MTP layers: {len(engine.model.mtp)}[/]")
-    run_generation(engine, prompt, True, max_tokens, 0.8, 0.95, 0, 0, None, None)
+    if local:
+        engine = load_with_progress(path, "torch", dtype, "cpu")
+        stream_text(engine, prompt, True, max_tokens, 0.8, 0.95, 0, 0)
+        report_local(engine)
+        return
+    with tempfile.TemporaryDirectory(prefix="moemesh-demo-") as logs:
+        console.print(f"starting a coordinator and {workers} workers on 127.0.0.1 (separate processes; logs in {logs})")
+        cluster = LocalCluster(path, workers, Path(logs), ["--split", "even", "--dtype", dtype])
+        try:
+            with Progress(TextColumn("{task.description}"), console=console, transient=True) as bar:
+                bar.add_task("workers joining, profiling, loading their layers (the first run also builds the CPU kernels)")
+                model = cluster.wait_ready(nodes=workers)
+            console.print("[bold]the plan:[/]")
+            print_status(model.status())
+            stream_text(model, prompt, True, max_tokens, 0.8, 0.95, 0, 0)
+            s = model.status()
+            console.print(f"[dim]per-hop latency of a decode step's hidden state: median {s.hop_ms_median:.2f} ms, "
+                          f"p99 {s.hop_ms_p99:.2f} ms over {len(s.nodes) + 1} hops per step[/]")
+            model.close()
+        except (TimeoutError, RuntimeError) as e:
+            console.print(f"[red]the demo cluster failed:[/] {e}")
+            raise typer.Exit(1) from None
+        finally:
+            cluster.close()
 
 
 if __name__ == "__main__":

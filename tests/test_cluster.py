@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from cluster_harness import LocalCluster
+from moemesh.launch import LocalCluster
 from hf_reference import build_checkpoint, make_config
 
 import moemesh

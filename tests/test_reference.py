@@ -187,3 +187,21 @@ def test_mtp_layer_loads_and_has_its_own_cache(tmp_path):
     assert torch.allclose(torch.cat([a, b]), whole, atol=1e-5)
     assert whole.shape == (5, config.vocab_size)
     assert not torch.allclose(whole, full[0, 1:6], atol=1e-3)  # the MTP head is its own model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_matches_reference(tmp_path):
+    config = make_config(**SHAPES["odd_dims_4groups"])
+    reference = build_checkpoint(tmp_path / "bf", config, seed=13)
+    ids = torch.randint(0, config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    engine = moemesh.load(tmp_path / "bf", dtype="float32", device="cuda")
+    assert (engine.logits(ids) - expected).abs().max().item() <= 1e-4
+    with torch.no_grad():
+        greedy = reference.generate(ids[:1], max_new_tokens=16, do_sample=False)[0, 19:].tolist()
+    assert engine.generate(ids[0].tolist(), max_new_tokens=16) == greedy
+    fp8_dir = tmp_path / "fp8"
+    convert_to_fp8(tmp_path / "bf", fp8_dir, (16, 8))
+    fp8 = moemesh.load(fp8_dir, dtype="bfloat16", device="cuda")
+    assert torch.isfinite(fp8.logits(ids)).all()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from ..units import fmt_bytes, seconds
@@ -55,20 +55,20 @@ def start(
     opts = CoordinatorOptions(model=model, name=name, cluster=cluster, host=host, port=port, expect=expect,
                               wait=seconds(wait) if wait else None, dtype=dtype, split=split, plan_file=plan,
                               context=context, mdns=not no_mdns, interfaces=mdns_interface or None)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=console,
+    with Progress(TextColumn("{task.description}"), BarColumn(), console=console,
                   transient=True) as bars:
         tasks: dict[str, int] = {}
 
         def load_progress(node: str, stage: str, done: int, total: int) -> None:
             key = f"{node} {stage}"
             if key not in tasks:
-                tasks[key] = bars.add_task(f"{stage} on {node}", total=total or None)
-            bars.update(tasks[key], completed=done, total=total or None, visible=stage != "ready")
+                tasks[key] = bars.add_task("", total=total or None)
+            amount = f"{fmt_bytes(done)} of {fmt_bytes(total)}" if stage == "fetching" else f"{done}/{total} parts"
+            bars.update(tasks[key], description=f"{node}: {stage} {amount}", completed=done, total=total or None,
+                        visible=stage != "ready")
 
         try:
             asyncio.run(run_coordinator(opts, UI(log=bars.console.print, load_progress=load_progress)))
-        except KeyboardInterrupt:
-            console.print("coordinator stopped")
         except (CheckpointError, ValueError, OSError) as e:
             console.print(f"[red]error:[/] {e}")
             raise typer.Exit(1) from None

@@ -28,10 +28,12 @@ from ..placement import PlacementError, Plan
 from ..transport import moemesh_pb2 as pb
 from ..transport import moemesh_pb2_grpc as rpc
 from ..transport.discovery import Discovery
+from ..transport.pipeline import StepStream
 from ..transport.wire import (GRPC_OPTIONS, PROTOCOL_VERSION, ProtocolError, address, new_node_id, node_info,
                               peer_host, tensor_from, tensor_msg, version_problem)
 from .nodes import NodeHandle
 from .planning import make_plan, shard_specs
+from ..worker.server import _stop_on_signals
 from .scheduler import NodeLost, Request, Scheduler, StepFailed
 
 CHUNK = 4 << 20  # weight stream piece
@@ -79,7 +81,7 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
         self.plan: Plan | None = None
         self.plan_id = 0
         self.state = "waiting"
-        self.ring: _Ring | None = None
+        self.ring: StepStream | None = None
         self.pending: dict[int, asyncio.Future] = {}
         self.step_ids = itertools.count(1)
         self.hop_ms: deque[float] = deque(maxlen=2000)
@@ -127,10 +129,11 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
             asyncio.ensure_future(self.scheduler.exclusive(lambda: self._rebalance(f"{handle.name} joined")))
 
     async def _rebalance(self, reason: str) -> None:
+        """Re-plan between steps; requests in flight replay from position 0 on the new shards."""
         try:
-            await self.replan(reason, keep_if_same=True)
+            await self.replan(reason, keep_if_same=self.state == "ready")
         except (PlacementError, ValueError, RuntimeError) as e:
-            self.ui.log(f"[yellow]kept the current plan[/] ({e})")
+            self.ui.log(f"[yellow]could not re-plan[/] ({reason}): {e}")
             return
         self.scheduler.free.clear()
         for r in self.scheduler.active:
@@ -152,10 +155,12 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
         w.state = "lost"
         self.ui.log(f"[red]lost worker[/] {w.name}: {reason}")
         if self.plan is not None and w.name in {n for s in self.plan.stages for n in s.nodes}:
+            self.state = "degraded"  # no step goes out on the broken ring
             for future in self.pending.values():
                 if not future.done():
                     future.set_exception(NodeLost(reason))
             self.pending.clear()
+            asyncio.ensure_future(self.scheduler.exclusive(lambda: self._rebalance(reason)))
 
     # ---- planning and loading
     async def replan(self, reason: str, keep_if_same: bool = False) -> None:
@@ -185,7 +190,7 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
             w.state = "serving" if spec else "ready"
         if self.ring is not None:
             await self.ring.close()
-        self.ring = _Ring(first)
+        self.ring = StepStream(first)
         self.plan = plan
         self.state = "ready"
 
@@ -256,13 +261,16 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
             raise StepFailed(result.error)
         return tensor_from(result.hidden, self.head.backend.device)
 
-    async def Forward(self, request_iterator, context):
+    async def Forward(self, request_iterator, context) -> None:
         """The last stage hands each finished step back here."""
-        async for step in request_iterator:
-            future = self.pending.get(step.step_id)
-            if future is not None and not future.done():
-                future.set_result(step)
-            yield pb.StepAck(step_id=step.step_id)
+        try:
+            while (step := await context.read()) is not grpc.aio.EOF:
+                future = self.pending.get(step.step_id)
+                if future is not None and not future.done():
+                    future.set_result(step)
+                await context.write(pb.StepAck(step_id=step.step_id))
+        except asyncio.CancelledError:
+            return  # the server is stopping: the stream just ends
 
     # ---- serving
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -330,29 +338,6 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
             hop_ms_p99=hops[min(len(hops) - 1, int(0.99 * len(hops)))] if hops else 0.0)
 
 
-class _Ring:
-    """The coordinator's persistent stream into the first stage."""
-
-    def __init__(self, target: str):
-        self.channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
-        self.call = rpc.PipelineStub(self.channel).Forward()
-        self.drain = asyncio.ensure_future(self._drain())
-
-    async def _drain(self) -> None:
-        try:
-            async for _ in self.call:
-                pass
-        except grpc.aio.AioRpcError:
-            pass
-
-    async def send(self, step: pb.Step) -> None:
-        await self.call.write(step)
-
-    async def close(self) -> None:
-        self.drain.cancel()
-        await self.channel.close()
-
-
 def _layout(plan: Plan) -> tuple:
     return (tuple((s.lead, s.start, s.end, tuple(s.helpers)) for s in plan.stages),
             tuple(tuple(tuple(n for n, _ in reps) for reps in le.replicas) for le in plan.experts))
@@ -381,7 +366,8 @@ async def run_coordinator(opts: CoordinatorOptions, ui: UI | None = None,
     ui.log(f"coordinator [bold]{opts.name}[/] serving {opts.model} ({a.num_hidden_layers} layers, "
            f"{a.n_routed_experts} experts) on port {coordinator.port}, cluster '{opts.cluster}'")
     discovery = Discovery(opts.interfaces) if opts.mdns else None
-    tasks = []
+    tasks: list[asyncio.Future] = []
+    stop = _stop_on_signals()
     try:
         if discovery is not None:
             await discovery.advertise(f"coordinator-{opts.name}-{coordinator.node_id}", coordinator.port, {
@@ -397,24 +383,41 @@ async def run_coordinator(opts: CoordinatorOptions, ui: UI | None = None,
                             lambda a: None, gone)
         if started is not None:
             started(coordinator)
-        await _wait_for_workers(coordinator, opts)
-        while True:
-            try:
-                await coordinator.replan("startup")
-                break
-            except (PlacementError, RuntimeError, ValueError) as e:
-                ui.log(f"[yellow]cannot place the model yet:[/] {e}\nwaiting for more workers...")
-                coordinator.joined.clear()
-                await coordinator.joined.wait()
+        starting = asyncio.ensure_future(_start(coordinator, opts))
+        await asyncio.wait([starting, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            ui.log("coordinator stopped")
+            return
+        starting.result()
         tasks = [asyncio.ensure_future(coordinator.scheduler.run()), asyncio.ensure_future(coordinator.heartbeats())]
         ui.log(f"[green]ready[/]: generate with `moemesh generate --cluster HOST:{coordinator.port} -p ...`")
-        await asyncio.gather(*tasks)
+        await asyncio.wait([*tasks, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        for t in tasks:
+            if t.done() and t.exception() is not None:
+                raise t.exception()
+        ui.log("coordinator stopped")
     finally:
         for t in tasks:
             t.cancel()
+        if coordinator.ring is not None:  # end our outgoing stream first: the first stage's handler then ends
+            await coordinator.ring.close()
+        await server.stop(grace=1)
         if discovery is not None:
             await discovery.close()
-        await server.stop(grace=1)
+
+
+async def _start(c: CoordinatorServer, opts: CoordinatorOptions) -> None:
+    """Wait for workers, then plan and load; with too little memory, wait for more."""
+    await _wait_for_workers(c, opts)
+    while True:
+        try:
+            await c.replan("startup")
+            return
+        except (PlacementError, RuntimeError, ValueError) as e:
+            c.ui.log(f"[yellow]cannot place the model yet:[/] {e}\nwaiting for more workers...")
+            c.joined.clear()
+            await c.joined.wait()
 
 
 async def _wait_for_workers(c: CoordinatorServer, opts: CoordinatorOptions) -> None:

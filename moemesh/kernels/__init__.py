@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..model.config import ModelArgs
 from .base import Backend
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "mlx")
 
 
 def get_backend(name: str, args: ModelArgs, dtype: str = "bfloat16", device: str = "cpu") -> Backend:
@@ -13,4 +13,10 @@ def get_backend(name: str, args: ModelArgs, dtype: str = "bfloat16", device: str
         from .torch_backend import TorchBackend
 
         return TorchBackend(args, dtype=dtype, device=device)
+    if name == "mlx":
+        try:
+            from .mlx_backend import MlxBackend
+        except ImportError as e:
+            raise ValueError(f"backend 'mlx' needs the mlx package ({e}); pip install mlx (Linux: mlx[cpu])") from None
+        return MlxBackend(args, dtype=dtype, device=device)
     raise ValueError(f"backend '{name}' is not available; choose one of: {', '.join(BACKENDS)}")

@@ -7,7 +7,6 @@ import hashlib
 import os
 import platform
 import sys
-import warnings
 from functools import cache
 from pathlib import Path
 from types import ModuleType

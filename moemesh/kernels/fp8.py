@@ -1,8 +1,9 @@
 """FP8 e4m3 weights with block scales (the official DeepSeek-V3 checkpoint format), kept FP8 in memory.
 
 A weight W [out, in] is stored as e4m3 values plus `scale_inv` [ceil(out/b0), ceil(in/b1)] in float32;
-the real weight is W8 * scale_inv, block-wise. The matmul dequantizes a band of rows at a time, so no
-full-size copy of the weight ever exists.
+the real weight is W8 * scale_inv, block-wise. No full-size copy of the weight ever exists: on CPU, decode
+steps run csrc/quant.cpp's kernel on the FP8 bytes; otherwise the matmul dequantizes a band of rows at a
+time (here, or in that kernel), or runs torch's blockwise-scaled FP8 matmul on Hopper GPUs.
 """
 
 from __future__ import annotations
@@ -53,3 +54,31 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
     parts = [torch.nn.functional.linear(x, dequantize(w.rows(r, min(r + band, out)), x.dtype))
              for r in range(0, out, band)]
     return torch.cat(parts, dim=-1)
+
+
+def scaled_mm_supported(x: torch.Tensor, w: Fp8Weight) -> bool:
+    """torch's blockwise-scaled FP8 matmul needs a Hopper GPU (compute capability 9.x) with CUDA >= 12.9,
+    bf16 activations, 128x128 weight blocks and both weight dims multiples of 128."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 2 and w.block == (128, 128)):
+        return False
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    out, inp = w.weight.shape
+    return torch.cuda.get_device_capability(x.device)[0] == 9 and cuda >= (12, 9) and out % 128 == 0 and inp % 128 == 0
+
+
+def scaled_mm_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
+    """x @ W.T on the GPU's FP8 tensor cores: the activations are quantized to e4m3 per token and 128
+    columns (DeepSeek-V3's own inference recipe); the weight is used as stored. Untested here (no GPU on
+    the development machines): tests/test_quant_kernels.py checks it wherever such a GPU is present."""
+    from torch.nn.functional import ScalingType, SwizzleType, scaled_mm
+
+    n, k = x.shape
+    blocks = x.float().unflatten(1, (k // 128, 128))
+    x_scale = blocks.abs().amax(-1).clamp(min=1e-12) / 448.0  # [n, k/128]
+    xq = (blocks / x_scale[..., None]).to(torch.float8_e4m3fn).flatten(1)
+    # scale layouts as torch expects them: activations' [n, k/128] column-major; the weight's block scales
+    # [k/128 padded to a multiple of 4, out/128], column-major
+    w_scale = torch.nn.functional.pad(w.scale_inv, (0, -(k // 128) % 4)).t()
+    return scaled_mm(xq, w.weight.t(), x_scale.t().contiguous().t(), ScalingType.BlockWise1x128, w_scale,
+                     ScalingType.BlockWise128x128, swizzle_a=SwizzleType.NO_SWIZZLE, swizzle_b=SwizzleType.NO_SWIZZLE,
+                     output_dtype=x.dtype)

@@ -14,12 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model.affine import AffineScales
 from ..model.config import ModelArgs
+from .affine import AffineWeight, affine_embed, affine_weight, to_dense
 from .base import AttentionWeights, MlpWeights, MoeWeights
 from .cpu_ext import cpu_kernels
-from .fp8 import Fp8Weight, dequantize, fp8_linear
+from .fp8 import Fp8Weight, dequantize, scaled_mm_linear, scaled_mm_supported
+from .quant_ops import kernel_args, quantized_linear
 
-Weight = torch.Tensor | Fp8Weight
+Weight = torch.Tensor | Fp8Weight | AffineWeight
 # Up to this many tokens a step is a decode step: matrix-vector work bound by reading the weights.
 DECODE_TOKENS = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,24 +96,29 @@ class TorchBackend:
         self._cos = self._sin = torch.empty(0, args.qk_rope_head_dim // 2, device=self.device)
 
     # ---- weights: checkpoint tensors (CPU) -> this backend's resident form
-    def linear_weight(self, weight: torch.Tensor, scale_inv: torch.Tensor | None) -> Weight:
-        """Dense weights take the compute dtype; FP8 weights stay FP8 with their block scales."""
-        if scale_inv is not None:
+    def linear_weight(self, weight: torch.Tensor, scales: torch.Tensor | AffineScales | None) -> Weight:
+        """Dense weights take the compute dtype; FP8 weights stay FP8 with their block scales; MLX affine
+        weights stay packed, their scales and biases in the compute dtype."""
+        if isinstance(scales, AffineScales):
+            return affine_weight(weight, scales, self.dtype, self.device)
+        if scales is not None:
             assert self.args.fp8_block is not None
-            return Fp8Weight(weight.to(self.device), scale_inv.to(self.device), self.args.fp8_block)
+            return Fp8Weight(weight.to(self.device), scales.to(self.device), self.args.fp8_block)
         return weight.to(self.device, self.dtype)
 
     def vector(self, t: torch.Tensor, fp32: bool = False) -> torch.Tensor:
         return t.to(self.device, torch.float32 if fp32 else self.dtype)
 
-    def absorbed_kv_b(self, weight: torch.Tensor, scale_inv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def absorbed_kv_b(self, weight: torch.Tensor, scales: torch.Tensor | AffineScales | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Split kv_b_proj [heads*(nope+v), kv_lora] into per-head linear weights ([out, in], like every
         weight here): W_UK^T [heads, kv_lora, nope] takes a query to the latent space, W_UV [heads, v, kv_lora]
         takes an attended latent to values. They stay in the compute dtype: the absorbed form needs them
         per head (~0.15% of a DeepSeek-V3 layer's weights)."""
         a = self.args
-        if scale_inv is not None:
-            weight = dequantize(Fp8Weight(weight, scale_inv, a.fp8_block), torch.float32)
+        if isinstance(scales, AffineScales):
+            weight = to_dense(affine_weight(weight, scales, torch.float32, weight.device), torch.float32)
+        elif scales is not None:
+            weight = dequantize(Fp8Weight(weight, scales, a.fp8_block), torch.float32)
         w = weight.to(self.dtype).view(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
         w_uk = w[:, : a.qk_nope_head_dim].transpose(1, 2).contiguous().to(self.device)
         w_uv = w[:, a.qk_nope_head_dim :].contiguous().to(self.device)
@@ -148,7 +156,9 @@ class TorchBackend:
         return Step(segments, self._cos[pos], self._sin[pos])
 
     # ---- math
-    def embed(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, table: torch.Tensor | AffineWeight, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(table, AffineWeight):  # mlx-lm quantizes the embedding too
+            return affine_embed(table, ids, self.dtype)
         return F.embedding(ids, table)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -159,8 +169,10 @@ class TorchBackend:
         return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
     def linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(w, Fp8Weight):
-            y = fp8_linear(x, w)
+        if isinstance(w, Fp8Weight) and scaled_mm_supported(x, w):
+            y = scaled_mm_linear(x, w)
+        elif isinstance(w, (Fp8Weight, AffineWeight)):
+            y = quantized_linear(x, w, self.kernels, x.shape[0] <= DECODE_TOKENS)
         elif self.kernels is not None and x.shape[0] <= DECODE_TOKENS and w.dtype == torch.bfloat16 and x.dim() == 2:
             y = self.kernels.linear_bf16(x, w)
         else:
@@ -171,6 +183,10 @@ class TorchBackend:
         if self.kernels is not None and x.shape[0] <= DECODE_TOKENS and all(
                 isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in (w.gate, w.up, w.down)):
             return self.kernels.mlp_bf16(x, w.gate, w.up, w.down)
+        if self.kernels is not None and x.shape[0] <= DECODE_TOKENS and x.dtype == torch.bfloat16:
+            args = [kernel_args(t) for t in (w.gate, w.up, w.down)]
+            if None not in args:
+                return self.kernels.mlp_q(x, *args)
         return self.linear(F.silu(self.linear(x, w.gate)) * self.linear(x, w.up), w.down)
 
     def attention(self, w: AttentionWeights, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
@@ -261,6 +277,9 @@ class TorchBackend:
             if all(isinstance(m.gate, torch.Tensor) and m.gate.dtype == torch.bfloat16 for m in mlps):
                 return self.kernels.experts_bf16(x, ids, weights, chosen, [m.gate for m in mlps], [m.up for m in mlps],
                                                  [m.down for m in mlps])
+            args = [[kernel_args(getattr(m, part)) for m in mlps] for part in ("gate", "up", "down")]
+            if not any(None in part for part in args):  # quantized experts
+                return self.kernels.experts_q(x, ids, weights, chosen, *args)
         if x.shape[0] == 1:  # one token (decode): no grouping needed; sum in ascending expert order
             out = None
             for e, weight in sorted(zip(ids[0].tolist(), weights[0].tolist())):

@@ -114,8 +114,9 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self._file(name)).get_slice(name).get_shape())
 
-    def _read_any(self, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
-        """Read one tensor of any dtype, checking its shape (when given) before any data is touched."""
+    def read_raw(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Read one tensor of any dtype (packed uint32 weights too), checking its shape (when given) before any
+        data is touched. Routed experts stacked by mlx-lm are read by their Hugging Face names."""
         stored, index = self._locate(name) or (name, None)
         file = self._file(stored)
         handle = self._open(file)
@@ -139,7 +140,7 @@ class Checkpoint:
 
     def read(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """Read one float tensor, checking its shape (when given) before any data is touched."""
-        tensor = self._read_any(name, shape)
+        tensor = self.read_raw(name, shape)
         if tensor.dtype not in FLOAT_DTYPES + (FP8_DTYPE,):
             stored = (self._locate(name) or (name,))[0]
             raise CheckpointError(
@@ -153,8 +154,9 @@ class Checkpoint:
         stem = name.removesuffix("weight")
         if self.has(stem + "scales"):
             return self._read_affine(name, shape)
-        if name.endswith("self_attn.kv_b_proj.weight") and not self.has(name) and self.has(stem[:-len("kv_b_proj.")] + "embed_q.weight"):
-            return self._kv_b_from_mlx(stem[:-len("kv_b_proj.")]), None
+        attn = name.removesuffix("kv_b_proj.weight")
+        if attn != name and not self.has(name) and self.has(attn + "embed_q.weight"):
+            return self._kv_b_from_mlx(attn), None
         weight = self.read(name, shape)
         if weight.dtype != FP8_DTYPE:
             return weight, None
@@ -182,24 +184,24 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: '{stem}scales' is present but config.json has no 'quantization' "
                                   "entry (the MLX affine format)")
         *lead, out, inp = shape
-        weight = self._read_any(name, None)
+        weight = self.read_raw(name, None)
         if weight.dtype != torch.uint32 or tuple(weight.shape[:-1]) != (*lead, out) or (weight.shape[-1] * 32) % inp:
             raise CheckpointError(f"{self.path}: '{name}' is {weight.dtype} {list(weight.shape)}; a packed MLX affine "
                                   f"weight of shape {list(shape)} is uint32 [{', '.join(map(str, (*lead, out)))}, in*bits/32]")
         bits = weight.shape[-1] * 32 // inp
-        scales = self._read_any(stem + "scales", None)
+        scales = self.read_raw(stem + "scales", None)
         groups = scales.shape[-1] if scales.dim() else 0
         if tuple(scales.shape[:-1]) != (*lead, out) or not groups or inp % groups or scales.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{self.path}: '{stem}scales' is {scales.dtype} {list(scales.shape)}; expected a "
                                   f"float tensor [{', '.join(map(str, (*lead, out)))}, in/group_size] for '{name}'")
         group = inp // groups
-        biases = self._read_any(stem + "biases", tuple(scales.shape))
+        biases = self.read_raw(stem + "biases", tuple(scales.shape))
         if biases.dtype != scales.dtype:
             raise CheckpointError(f"{self.path}: '{stem}biases' is {biases.dtype} but '{stem}scales' is {scales.dtype}")
-        expected = quant.for_module(_mlx_module(stem[:-1]))
+        expected = quant.for_module(mlx_module(stem[:-1]))
         if expected is None:
             raise CheckpointError(f"{self.path}: '{name}' is quantized but config.json's quantization lists "
-                                  f"'{_mlx_module(stem[:-1])}' as unquantized")
+                                  f"'{mlx_module(stem[:-1])}' as unquantized")
         if (bits, group) != expected:
             raise CheckpointError(
                 f"{self.path}: '{name}' and '{stem}scales' hold {bits}-bit values in groups of {group}, but config.json's "
@@ -228,7 +230,7 @@ _EXPERT = re.compile(r"(?P<pre>.+\.mlp\.)experts\.(?P<expert>\d+)\.(?P<proj>gate
                      r"(?P<part>weight|scales|biases)$")
 
 
-def _mlx_module(path: str) -> str:
+def mlx_module(path: str) -> str:
     """The module path mlx-lm uses for a Hugging Face module path (routed experts are stacked per layer)."""
     m = _EXPERT.match(path + ".weight")
     return f"{m['pre']}switch_mlp.{m['proj']}" if m else path

@@ -165,7 +165,8 @@ class Transformer:
         modules = []
         if head:
             shapes = head_shapes(a)
-            embed = backend.vector(ckpt.read("model.embed_tokens.weight", shapes["model.embed_tokens.weight"]))
+            # a linear weight's form: quantized checkpoints (mlx-lm's) quantize the embedding too
+            embed = backend.linear_weight(*ckpt.read_linear("model.embed_tokens.weight", shapes["model.embed_tokens.weight"]))
             norm = backend.vector(ckpt.read("model.norm.weight", shapes["model.norm.weight"]))
             lm_head = embed if a.tie_word_embeddings else backend.linear_weight(
                 *ckpt.read_linear("lm_head.weight", shapes["lm_head.weight"]))

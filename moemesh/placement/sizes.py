@@ -6,7 +6,8 @@ The one place where weight formats are turned into bytes (docs/placement.md, "By
 |-----------------------------------------|------|-----------------------------------|-----------------------------------|
 | 2-D linear weight [out, in]             | 2    | 1 + f32 scale per 128x128 block   | bits/8 + (bf16 scale + bias)/group|
 | embed_tokens, lm_head                   | 2    | 2 (kept bf16)                     | quantized (default, like mlx-lm) or 2 |
-| router `mlp.gate.weight`                | 2    | 4 (kept f32)                      | 2 (mlx-lm keeps it unquantized)   |
+| router `mlp.gate.weight`                | 4    | 4 (held f32)                      | 4 (held f32)                      |
+| MLA `kv_b_proj` (absorbed, per head)    | 2    | 2 (held in the compute dtype)     | 2 (held in the compute dtype)     |
 | 1-D (norms, biases)                     | 2    | 2                                 | 2                                 |
 | `e_score_correction_bias`               | 4    | 4                                 | 4                                 |
 
@@ -61,7 +62,7 @@ class WeightFormat:
         return (4 if self.name == "fp32" else 2) * shape[0] * shape[1]
 
     def router_bytes(self, shape: Shape) -> int:
-        return (4 if self.name in ("fp8", "fp32") else 2) * shape[0] * shape[1]
+        return 4 * shape[0] * shape[1]  # the runtime holds the router in float32 whatever the checkpoint has
 
 
 def weight_format(quant: str, args: ModelArgs | None = None, **kwargs) -> WeightFormat:
@@ -84,6 +85,8 @@ def tensor_bytes(name: str, shape: Shape, fmt: WeightFormat) -> int:
         return fmt.embedding_bytes(shape)
     if name.endswith("mlp.gate.weight") or name == "gate.weight":
         return fmt.router_bytes(shape)
+    if name.endswith("kv_b_proj.weight"):  # split per head for absorbed MLA, in the compute dtype
+        return (4 if fmt.name == "fp32" else 2) * _numel(shape)
     return fmt.linear_bytes(shape)
 
 

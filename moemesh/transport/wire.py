@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -17,13 +18,16 @@ from . import moemesh_pb2 as pb
 PROTOCOL_VERSION = int(os.environ.get("MOEMESH_PROTOCOL_VERSION", "1"))
 
 MAX_MESSAGE = 1 << 30  # hidden states of long prompts and weight chunks are large
-GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE),
-                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)]
+# Dead peers are found by the coordinator's heartbeats, not by HTTP/2 keepalive pings.
+GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64,
            "int32": torch.int32, "uint8": torch.uint8, "float8_e4m3fn": torch.float8_e4m3fn}
 _NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+# grpc logs a traceback for every RPC still open when a server stops (a normal shutdown here).
+logging.getLogger("grpc._cython.cygrpc").setLevel(logging.CRITICAL)
 
 
 class ProtocolError(RuntimeError):

@@ -6,9 +6,10 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
 
 from ..transport.wire import host_name
-from ..units import size_bytes
+from ..units import fmt_bytes, size_bytes
 from .server import WorkerOptions, serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="A machine that lends its memory and compute.")
@@ -37,7 +38,19 @@ def join(
     opts = WorkerOptions(name=name or host_name(), cluster=cluster, host=host, port=port, coordinator=coordinator,
                          mdns=not no_mdns, interfaces=mdns_interface or None, memory=offered,
                          fetch_weights=fetch_weights)
-    sys.exit(serve(opts, log=console.print))
+    with Progress(TextColumn("{task.description}"), BarColumn(), console=console,
+                  transient=True) as bars:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task("", total=total or None)
+            amount = f"{fmt_bytes(done)} of {fmt_bytes(total)}" if stage == "fetching" else f"{done}/{total} parts"
+            bars.update(tasks[stage], description=f"{stage} the shard: {amount}", completed=done, total=total or None,
+                        visible=done < total)
+
+        status = serve(opts, log=bars.console.print, progress=progress)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

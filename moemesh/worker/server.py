@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import sys
+import signal
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +24,10 @@ from ..model.layout import block_shapes, layer_prefix, mlp_shapes
 from ..model.model import Transformer
 from ..transport import moemesh_pb2 as pb
 from ..transport import moemesh_pb2_grpc as rpc
-from ..transport.discovery import Announcement, Discovery
+from ..transport.discovery import Discovery
+from ..transport.pipeline import StepStream
 from ..transport.wire import (GRPC_OPTIONS, PROTOCOL_VERSION, ProtocolError, address, new_node_id, node_info,
-                              peer_host, tensor_from, tensor_msg, version_problem)
+                              tensor_from, tensor_msg, version_problem)
 from .profile import matmul_flops, memory_bandwidth
 from .shard import Shard
 
@@ -70,39 +71,17 @@ class _Rows:
         return tensor_from(self.call.result().rows, self.device)
 
 
-class Downstream:
-    """A persistent Forward stream to the next stage of the ring."""
-
-    def __init__(self, target: str):
-        self.channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
-        self.call = rpc.PipelineStub(self.channel).Forward()
-        self.drain = asyncio.ensure_future(self._drain())
-
-    async def _drain(self) -> None:
-        try:
-            async for _ in self.call:
-                pass
-        except grpc.aio.AioRpcError:
-            pass  # the next stage went away: the coordinator notices and re-plans
-
-    async def send(self, step: pb.Step) -> None:
-        await self.call.write(step)
-
-    async def close(self) -> None:
-        self.drain.cancel()
-        await self.channel.close()
-
-
 class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
-    def __init__(self, opts: WorkerOptions, log=print):
+    def __init__(self, opts: WorkerOptions, log=print, progress=None):
         self.opts = opts
         self.log = log
+        self.progress = progress or (lambda stage, done, total: None)  # (stage, done, total): a progress bar
         self.node_id = new_node_id()
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute")  # steps and loading, in order
         self.expert_pool = ThreadPoolExecutor(1, thread_name_prefix="experts")  # other leads' expert calls
         self.shard: Shard | None = None
         self.spec: pb.ShardSpec | None = None
-        self.downstream: Downstream | None = None
+        self.downstream: StepStream | None = None
         self.peers: dict[str, RemoteExperts] = {}
         self.coordinator: str | None = None  # host:port, once registered
         self.last_heard = time.monotonic()
@@ -192,6 +171,7 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
             path = Path(spec.model_path)
             if spec.fetch or self.opts.fetch_weights or not _same_model(path, spec.fingerprint):
                 async for update in self._fetch(spec):
+                    self.progress(update.stage, update.done, update.total)
                     yield update
                 path = self._shard_dir(spec)
             task = loop.run_in_executor(self.compute, self._load, path, spec, progress)
@@ -199,7 +179,9 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
                 getter = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    yield getter.result()
+                    update = getter.result()
+                    self.progress(update.stage, update.done, update.total)
+                    yield update
                 else:
                     getter.cancel()
             model = task.result()
@@ -230,7 +212,7 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
         self.spec = spec
         if self.downstream is not None:
             await self.downstream.close()
-        self.downstream = Downstream(spec.next_hop or self.coordinator)
+        self.downstream = StepStream(spec.next_hop or self.coordinator)
 
     def _shard_dir(self, spec: pb.ShardSpec) -> Path:
         key = hashlib.sha256(spec.fingerprint.encode() + spec.SerializeToString(deterministic=True)).hexdigest()[:16]
@@ -264,24 +246,29 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
         tmp.rename(target)
 
     # ---- Pipeline service
-    async def Forward(self, request_iterator, context):
+    async def Forward(self, request_iterator, context) -> None:
+        # Read and write on the context (not an async generator) so that a server stop that cancels this
+        # stream ends it quietly.
         loop = asyncio.get_running_loop()
-        async for step in request_iterator:
-            received = time.time()
-            if not step.error:
-                try:
-                    if self.shard is None:
-                        raise ProtocolError("no shard loaded")
-                    x = tensor_from(step.hidden, self.shard.backend.device)
-                    segments = [(s.request_id, s.start, s.length) for s in step.segments]
-                    y = await loop.run_in_executor(self.compute, self.shard.step, segments, x, list(step.free))
-                    step.hidden.CopyFrom(tensor_msg(y))
-                except Exception as e:  # reported to the coordinator through the ring
-                    step.error = f"{self.opts.name}: {type(e).__name__}: {e}"
-            step.hops.append(pb.Hop(node_id=self.node_id, received=received, sent=time.time()))
-            if self.downstream is not None:
-                await self.downstream.send(step)
-            yield pb.StepAck(step_id=step.step_id)
+        try:
+            while (step := await context.read()) is not grpc.aio.EOF:
+                received = time.time()
+                if not step.error:
+                    try:
+                        if self.shard is None:
+                            raise ProtocolError("no shard loaded")
+                        x = tensor_from(step.hidden, self.shard.backend.device)
+                        segments = [(s.request_id, s.start, s.length) for s in step.segments]
+                        y = await loop.run_in_executor(self.compute, self.shard.step, segments, x, list(step.free))
+                        step.hidden.CopyFrom(tensor_msg(y))
+                    except Exception as e:  # reported to the coordinator through the ring
+                        step.error = f"{self.opts.name}: {type(e).__name__}: {e}"
+                step.hops.append(pb.Hop(node_id=self.node_id, received=received, sent=time.time()))
+                if self.downstream is not None:
+                    await self.downstream.send(step)
+                await context.write(pb.StepAck(step_id=step.step_id))
+        except asyncio.CancelledError:
+            return  # the server is stopping: the stream just ends
 
 
 def _same_model(path: Path, expected: str) -> bool:
@@ -315,9 +302,9 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)
 
 
-async def run_worker(opts: WorkerOptions, log=print, ready: asyncio.Event | None = None) -> int:
-    """Serve until cancelled (Ctrl-C). Returns the exit status: 1 if the coordinator refused us."""
-    worker = WorkerServer(opts, log)
+async def run_worker(opts: WorkerOptions, log=print, progress=None) -> int:
+    """Serve until Ctrl-C or SIGTERM. Returns the exit status: 1 if the coordinator refused us."""
+    worker = WorkerServer(opts, log, progress)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     rpc.add_WorkerServicer_to_server(worker, server)
     rpc.add_PipelineServicer_to_server(worker, server)
@@ -336,13 +323,20 @@ async def run_worker(opts: WorkerOptions, log=print, ready: asyncio.Event | None
             if opts.coordinator is None:
                 discovery.watch(lambda a: a.role == "coordinator" and a.properties.get("cluster") == opts.cluster,
                                 lambda a: found.put_nowait(address(a.addresses[0], a.port)))
-        if ready is not None:
-            ready.set()
-        return await _join_loop(worker, opts, found, log)
+        joining = asyncio.ensure_future(_join_loop(worker, opts, found, log))
+        stop = _stop_on_signals()
+        await asyncio.wait({joining, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if joining.done():
+            return joining.result()
+        joining.cancel()
+        log("worker stopped")
+        return 0
     finally:
-        if discovery is not None:
-            await discovery.close()
+        if worker.downstream is not None:  # end our outgoing stream first: the next stage's handler then ends
+            await worker.downstream.close()
         await server.stop(grace=1)
+        if discovery is not None:
+            await discovery.close()  # says goodbye on mDNS
         worker.compute.shutdown(wait=False)
         worker.expert_pool.shutdown(wait=False)
 
@@ -382,9 +376,14 @@ async def _join_loop(worker: WorkerServer, opts: WorkerOptions, found: asyncio.Q
                 found.get_nowait()
 
 
-def serve(opts: WorkerOptions, log=print) -> int:
-    try:
-        return asyncio.run(run_worker(opts, log))
-    except KeyboardInterrupt:
-        log("worker stopped")
-        return 0
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by Ctrl-C or SIGTERM, so that shutdown is orderly rather than a cancellation."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def serve(opts: WorkerOptions, log=print, progress=None) -> int:
+    return asyncio.run(run_worker(opts, log, progress))

@@ -110,6 +110,7 @@ struct Acts {
   std::vector<float> xf;       // [M, K] fp32 (scalar paths)
   std::vector<uint16_t> x;     // bf16 [M, streams, width]
   std::vector<float> sums;     // affine: [M, K/group] sum of x per group
+  std::vector<int32_t> lane_group;  // affine: [chunks per 16 groups, 16] group of each fp32 lane (see below)
   int streams = 0;
   const uint16_t* stream(int64_t m, int t) const { return x.data() + (m * streams + t) * width; }
 };
@@ -123,27 +124,34 @@ Acts prepare(const QLinear& w, const at::BFloat16* x, int64_t M) {
   acts.streams = w.kind == KIND_FP8 ? 2 : 4;
   acts.width = w.chunks() * 32;
   acts.x.assign(M * acts.streams * acts.width, 0);  // zeros past K: the padded weights add nothing
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < w.K; ++i) {
-      const at::BFloat16 v = x[m * w.K + i], v16(16.0f * bf(v));  // 16 x is exact in bf16
-      const int64_t c = i / w.chunk(), e = i % w.chunk();
-      auto put = [&](int t, int64_t lane, at::BFloat16 value) {
-        acts.x[(m * acts.streams + t) * acts.width + c * 32 + lane] = reinterpret_cast<const uint16_t&>(value);
-      };
-      if (w.kind == KIND_INT4) {
-        put(e % 4, e / 4, v);
-      } else if (w.kind == KIND_INT8) {  // low nibble against x, high nibble against 16 x
-        put(2 * (e % 2), e / 2, v);
-        put(2 * (e % 2) + 1, e / 2, v16);
-      } else {
-        put(e % 2, e / 2, v);
+  const auto* xb = reinterpret_cast<const uint16_t*>(x);
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* xm = xb + m * w.K;
+    uint16_t* s[4];
+    for (int t = 0; t < acts.streams; ++t) s[t] = acts.x.data() + (m * acts.streams + t) * acts.width;
+    if (w.kind == KIND_INT4) {  // lane j of chunk c: values 128c + 4j + t
+      for (int64_t i = 0; i < w.K; ++i) s[i % 4][i / 4] = xm[i];
+    } else if (w.kind == KIND_FP8) {  // lane j of chunk c: values 64c + 2j + t
+      for (int64_t i = 0; i < w.K; ++i) s[i % 2][i / 2] = xm[i];
+    } else {  // int8: low nibble against x, high nibble against 16 x (exact in bf16: the exponent moves by 4)
+      for (int64_t i = 0; i < w.K; ++i) {
+        const at::BFloat16 x16(16.0f * acts.xf[m * w.K + i]);
+        s[2 * (i % 2)][i / 2] = xm[i];
+        s[2 * (i % 2) + 1][i / 2] = reinterpret_cast<const uint16_t&>(x16);
       }
     }
+  }
   if (w.kind == KIND_INT4 || w.kind == KIND_INT8) {
-    const int64_t G = w.groups();
+    const int64_t G = w.groups(), per_lane = w.kind == KIND_INT4 ? 8 : 4;
     acts.sums.assign(M * G, 0.0f);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t i = 0; i < w.K; ++i) acts.sums[m * G + i / w.group] += acts.xf[m * w.K + i];
+    // fp32 lane l of chunk c's dot products covers `per_lane` values from c * chunk + l * per_lane on; its
+    // group within the chunk's 16-group span, per chunk position in the span
+    const int64_t span = 16 * w.group / w.chunk();
+    acts.lane_group.resize(span * 16);
+    for (int64_t pos = 0; pos < span; ++pos)
+      for (int l = 0; l < 16; ++l) acts.lane_group[pos * 16 + l] = static_cast<int32_t>((pos * w.chunk() + l * per_lane) / w.group);
   }
   return acts;
 }
@@ -186,23 +194,11 @@ inline __mmask64 tail_mask(int64_t left) { return left >= 64 ? ~__mmask64(0) : (
 
 inline __m512 bf16x16_to_f32(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
 
-// The scale of each fp32 lane of a chunk's dot products: lane i covers `per_lane` consecutive values
-// (int4: 8, int8: 4) starting at value c * chunk + i * per_lane.
-inline __m512 lane_scales(const uint16_t* s, int64_t first_value, int64_t per_lane, int64_t group, int64_t groups) {
-  const int64_t q = first_value / group, lanes = group / per_lane;
-  if (lanes >= 16) return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(s[q]) << 16));
-  const int64_t n = 16 / lanes;  // groups in this chunk: 2 or 4
-  const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(n, groups - q)) - 1);
-  const __m512 v = bf16x16_to_f32(_mm256_maskz_loadu_epi16(mask, s + q));
-  const __m512i idx = lanes == 8 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                                 : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  return _mm512_permutexvar_ps(idx, v);
-}
-
 template <int M>
 void rows_affine(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, float* out) {
   const bool int4 = w.kind == KIND_INT4;
-  const int64_t rb = w.row_bytes(), G = w.groups(), chunk = w.chunk(), per_lane = int4 ? 8 : 4;
+  const int64_t rb = w.row_bytes(), G = w.groups(), chunk = w.chunk();
+  const int64_t span = 16 * w.group / chunk;  // chunks per 16 groups: their scales are one fp32 vector
   const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);  // bf16(128 + q) = 0x4300 | q
   const uint8_t* wr[ROWS];
   const uint16_t* sr[ROWS];
@@ -213,7 +209,15 @@ void rows_affine(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int r
   __m512 acc[M][ROWS];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_setzero_ps();
+  __m512 sv[ROWS];
   for (int64_t c = 0; c < w.chunks(); ++c) {
+    const int64_t pos = c % span;
+    if (pos == 0) {
+      const int64_t g = c * chunk / w.group;
+      const __mmask16 smask = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1);
+      for (int r = 0; r < ROWS; ++r) sv[r] = bf16x16_to_f32(_mm256_maskz_loadu_epi16(smask, sr[r] + g));
+    }
+    const __m512i lane_group = _mm512_loadu_si512(xs.lane_group.data() + pos * 16);
     const __mmask64 mask = tail_mask(rb - c * CHUNK_BYTES);
     __m512bh xt[M][4];
     for (int m = 0; m < M; ++m)
@@ -225,13 +229,11 @@ void rows_affine(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int r
       const __m512bh n1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, magic, 0xEA);
       const __m512bh n2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low4, magic, 0xEA);
       const __m512bh n3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
-      const __m512 s = lane_scales(sr[r], c * chunk, per_lane, w.group, G);
-      for (int m = 0; m < M; ++m) {
-        __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), n0, xt[m][0]);
-        d = _mm512_dpbf16_ps(d, n1, xt[m][1]);
-        d = _mm512_dpbf16_ps(d, n2, xt[m][2]);
-        d = _mm512_dpbf16_ps(d, n3, xt[m][3]);
-        acc[m][r] = _mm512_fmadd_ps(d, s, acc[m][r]);
+      const __m512 s = _mm512_permutexvar_ps(lane_group, sv[r]);
+      for (int m = 0; m < M; ++m) {  // two short chains: VDPBF16PS's latency, not its throughput, would bind
+        const __m512 d0 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), n0, xt[m][0]), n1, xt[m][1]);
+        const __m512 d1 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), n2, xt[m][2]), n3, xt[m][3]);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_add_ps(d0, d1), s, acc[m][r]);
       }
     }
   }
@@ -266,9 +268,9 @@ void rows_fp8(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < w.block_cols; ++kb) {
-    __m512 d[M][ROWS];
+    __m512 d[M][ROWS], e[M][ROWS];  // low and high bytes' sums: two chains (VDPBF16PS's latency)
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < ROWS; ++r) d[m][r] = _mm512_setzero_ps();
+      for (int r = 0; r < ROWS; ++r) d[m][r] = e[m][r] = _mm512_setzero_ps();
     const int64_t end = std::min<int64_t>(w.K, (kb + 1) * FP8_BLOCK);
     for (int64_t i = kb * FP8_BLOCK; i < end; i += CHUNK_BYTES) {
       const __mmask64 mask = tail_mask(w.K - i);
@@ -281,12 +283,15 @@ void rows_fp8(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows
         const __m512i v = _mm512_maskz_loadu_epi8(mask, wr[r] + i);
         const __m512bh lo = (__m512bh)fp8_to_bf16(_mm512_and_si512(v, _mm512_set1_epi16(0xFF)), _mm512_slli_epi16(v, 8), subnormals);
         const __m512bh hi = (__m512bh)fp8_to_bf16(_mm512_srli_epi16(v, 8), v, subnormals);
-        for (int m = 0; m < M; ++m) d[m][r] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(d[m][r], lo, x0[m]), hi, x1[m]);
+        for (int m = 0; m < M; ++m) {
+          d[m][r] = _mm512_dpbf16_ps(d[m][r], lo, x0[m]);
+          e[m][r] = _mm512_dpbf16_ps(e[m][r], hi, x1[m]);
+        }
       }
     }
     const __m512 s = _mm512_set1_ps(scales[kb]);
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_fmadd_ps(d[m][r], s, acc[m][r]);
+      for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_fmadd_ps(_mm512_add_ps(d[m][r], e[m][r]), s, acc[m][r]);
   }
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < rows; ++r) out[m * ROWS + r] = _mm512_reduce_add_ps(acc[m][r]);
@@ -384,7 +389,15 @@ torch::Tensor mlp_q(torch::Tensor x, QArgs gate, QArgs up, QArgs down) {
 }
 
 // Routed experts for a few tokens, summed as experts_bf16 sums them (ascending expert order, each addition
-// rounded to bf16), for weights in any of the formats above.
+// rounded to bf16), for weights in any of the formats above. Decode touches a few small experts, so all of
+// them share two parallel passes (gate and up rows, then down rows) instead of two each.
+struct ExpertWork {
+  QLinear gate, up, down;
+  std::vector<std::pair<int64_t, float>> rows;  // (token, routing weight)
+  std::vector<at::BFloat16> x, g, u, y;         // the expert's tokens, its gate/up outputs, its output
+  Acts xg, xu, xd;
+};
+
 torch::Tensor experts_q(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, std::vector<int64_t> expert_ids,
                         std::vector<QArgs> gates, std::vector<QArgs> ups, std::vector<QArgs> downs) {
   x = x.contiguous();
@@ -394,33 +407,67 @@ torch::Tensor experts_q(torch::Tensor x, torch::Tensor ids, torch::Tensor weight
   TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat && ids.sizes() == weights.sizes(),
               "experts_q: ids int64 and weights fp32 of one shape");
   const int64_t n = x.size(0), D = x.size(1), k = ids.size(1);
-  auto out = torch::zeros_like(x);
-  auto op = out.data_ptr<at::BFloat16>();
   const int64_t* ip = ids.data_ptr<int64_t>();
   const float* wp = weights.data_ptr<float>();
-  std::vector<at::BFloat16> xs, ys;
-  std::vector<std::pair<int64_t, float>> rows;  // (token, routing weight) for the current expert
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  std::vector<ExpertWork> work;
   for (size_t e = 0; e < expert_ids.size(); ++e) {
-    rows.clear();
+    ExpertWork w{qlinear(gates[e], "experts_q gate"), qlinear(ups[e], "experts_q up"), qlinear(downs[e], "experts_q down")};
     for (int64_t t = 0; t < n; ++t)
       for (int64_t j = 0; j < k; ++j)
-        if (ip[t * k + j] == expert_ids[e]) rows.emplace_back(t, wp[t * k + j]);
-    if (rows.empty()) continue;
-    const QLinear g = qlinear(gates[e], "experts_q gate"), u = qlinear(ups[e], "experts_q up"),
-                  d = qlinear(downs[e], "experts_q down");
-    check_mlp_q(g, u, d, D);
-    const int64_t m = static_cast<int64_t>(rows.size());
-    xs.resize(m * D);
-    ys.resize(m * D);
-    for (int64_t r = 0; r < m; ++r)
-      std::memcpy(xs.data() + r * D, x.data_ptr<at::BFloat16>() + rows[r].first * D, D * sizeof(at::BFloat16));
-    mlp_q_into(xs.data(), m, g, u, d, ys.data());
-    for (int64_t r = 0; r < m; ++r) {
-      at::BFloat16* dst = op + rows[r].first * D;
-      for (int64_t i = 0; i < D; ++i)
-        dst[i] = at::BFloat16(bf(dst[i]) + bf(at::BFloat16(bf(ys[r * D + i]) * rows[r].second)));
-    }
+        if (ip[t * k + j] == expert_ids[e]) w.rows.emplace_back(t, wp[t * k + j]);
+    if (w.rows.empty()) continue;
+    check_mlp_q(w.gate, w.up, w.down, D);
+    const int64_t m = static_cast<int64_t>(w.rows.size()), I = w.gate.N;
+    w.x.resize(m * D);
+    for (int64_t r = 0; r < m; ++r) std::memcpy(w.x.data() + r * D, xp + w.rows[r].first * D, D * sizeof(at::BFloat16));
+    w.g.resize(m * I);
+    w.u.resize(m * I);
+    w.y.resize(m * D);
+    w.xg = prepare(w.gate, w.x.data(), m);
+    w.xu = prepare(w.up, w.x.data(), m);
+    work.push_back(std::move(w));
   }
+  // items: (expert, which matrix, first row); gate and up first, then down
+  std::vector<std::tuple<size_t, int, int64_t>> items;
+  for (size_t e = 0; e < work.size(); ++e)
+    for (int which = 0; which < 2; ++which)
+      for (int64_t r = 0; r < work[e].gate.N; r += ROW_GRAIN) items.emplace_back(e, which, r);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      auto [e, which, r] = items[i];
+      ExpertWork& w = work[e];
+      const QLinear& lin = which == 0 ? w.gate : w.up;
+      linear_rows_q(lin, which == 0 ? w.xg : w.xu, w.x.data(), (which == 0 ? w.g : w.u).data(), r,
+                    std::min(lin.N, r + ROW_GRAIN));
+    }
+  });
+  items.clear();
+  for (size_t e = 0; e < work.size(); ++e) {
+    ExpertWork& w = work[e];
+    for (size_t i = 0; i < w.g.size(); ++i) {
+      const float v = bf(w.g[i]);
+      const at::BFloat16 act(v / (1.0f + std::exp(-v)));
+      w.g[i] = at::BFloat16(bf(act) * bf(w.u[i]));
+    }
+    w.xd = prepare(w.down, w.g.data(), static_cast<int64_t>(w.rows.size()));
+    for (int64_t r = 0; r < D; r += ROW_GRAIN) items.emplace_back(e, 2, r);
+  }
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      auto [e, which, r] = items[i];
+      ExpertWork& w = work[e];
+      linear_rows_q(w.down, w.xd, w.g.data(), w.y.data(), r, std::min(D, r + ROW_GRAIN));
+    }
+  });
+  auto out = torch::zeros_like(x);
+  auto op = out.data_ptr<at::BFloat16>();
+  for (const ExpertWork& w : work)  // ascending expert order
+    for (size_t r = 0; r < w.rows.size(); ++r) {
+      at::BFloat16* dst = op + w.rows[r].first * D;
+      for (int64_t i = 0; i < D; ++i)
+        dst[i] = at::BFloat16(bf(dst[i]) + bf(at::BFloat16(bf(w.y[r * D + i]) * w.rows[r].second)));
+    }
   return out;
 }
 

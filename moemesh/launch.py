@@ -1,5 +1,6 @@
-"""Start a real coordinator and real workers as separate processes (the CLI a user runs), wait until the
-cluster serves, and tear everything down. Traffic stays on 127.0.0.1 unless a test's own namespaces."""
+"""A cluster on this machine: a coordinator and workers as separate processes, started with the same
+commands a user types, for `moemesh demo`, the benchmarks and the tests. Wait until it serves, then tear
+everything down. Traffic stays on `host` (127.0.0.1 unless a test's own network namespaces)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import moemesh
+from .client import ClusterModel
 
 
 def free_port() -> int:
@@ -26,6 +27,7 @@ class LocalCluster:
         self.model, self.logdir, self.host = model, logdir, host
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: list = []
         self.env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
         mdns_args = ["--mdns-interface", host] if mdns else ["--no-mdns"]
         self.start("coordinator", [*prefix, sys.executable, "-m", "moemesh.cli", "coordinator", "start", "--model",
@@ -41,19 +43,20 @@ class LocalCluster:
 
     def start(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "w")
+        self.logs.append(log)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or self.env, start_new_session=True)
         self.procs[name] = proc
         return proc
 
     def add_worker(self, name: str, args: list[str] = (), env: dict | None = None, mdns_args: list[str] | None = None,
-                   prefix: list[str] = ()) -> subprocess.Popen:
+                   prefix: list[str] = (), host: str | None = None) -> subprocess.Popen:
         return self.start(name, [*prefix, sys.executable, "-m", "moemesh.cli", "worker", "join", "--name", name,
-                                 "--host", self.host, *(mdns_args or ["--no-mdns"]), *args], env)
+                                 "--host", host or self.host, *(mdns_args or ["--no-mdns"]), *args], env)
 
     def log(self, name: str) -> str:
         return (self.logdir / f"{name}.log").read_text()
 
-    def wait_ready(self, timeout: float = 120.0, nodes: int | None = None):
+    def wait_ready(self, timeout: float = 300.0, nodes: int | None = None) -> ClusterModel:
         """Wait until the coordinator serves (and, with `nodes`, has that many serving workers)."""
         deadline = time.monotonic() + timeout
         model = None
@@ -61,7 +64,7 @@ class LocalCluster:
             if self.procs["coordinator"].poll() is not None:
                 raise RuntimeError("the coordinator exited:\n" + self.log("coordinator"))
             try:
-                model = model or moemesh.connect(self.target, timeout=5)
+                model = model or ClusterModel(self.target, timeout=5)
                 status = model.status()
                 serving = [n for n in status.nodes if n.state == "serving"]
                 if status.state == "ready" and (nodes is None or len(serving) == nodes):
@@ -87,3 +90,5 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+        for log in self.logs:
+            log.close()

@@ -1,0 +1,76 @@
+"""Shared by the benchmarks: the memory-bound checkpoint they build, the read-bandwidth measurement
+that defines the floor, and where results go."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from moemesh.demo import DEMO_CONFIG, write_random_checkpoint
+from moemesh.model.config import args_from_dict
+from moemesh.model.layout import attention_shapes, head_shapes, mlp_shapes
+
+RESULTS = Path(__file__).parent / "results"
+
+# hidden 1024, 8 layers (1 dense + 7 MoE), 32 experts top-4 + 1 shared: a few hundred MB read per token,
+# far more than the caches hold, so decoding is bound by memory bandwidth.
+BENCH_CONFIG = DEMO_CONFIG | dict(
+    vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=8,
+    num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
+    qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
+    first_k_dense_replace=1, num_nextn_predict_layers=0, eos_token_id=None, max_position_embeddings=2048,
+    rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 512, "beta_fast": 32,
+                  "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+
+
+def bench_checkpoint(path: Path, config: dict = BENCH_CONFIG) -> Path:
+    if not (path / "config.json").exists() or json.loads((path / "config.json").read_text()) != config:
+        write_random_checkpoint(path, config, seed=0, shards=4)
+    return path
+
+
+def active_bytes_per_token(config: dict, bytes_per_param: float = 2.0) -> int:
+    """Weights read to decode one token: attention, dense MLP or shared + top_k routed experts, router,
+    norms, lm_head and one embedding row."""
+    a = args_from_dict(config)
+    n = lambda shapes: sum(math.prod(s) for s in shapes.values())  # noqa: E731
+    total = n(head_shapes(a)) - a.vocab_size * a.hidden_size + a.hidden_size  # one embedding row, not all
+    for layer in range(a.num_hidden_layers):
+        total += n(attention_shapes(a)) + 2 * a.hidden_size
+        if a.is_moe_layer(layer):
+            total += n(mlp_shapes(a.hidden_size, a.moe_intermediate_size)) * (a.num_experts_per_tok + a.n_shared_experts)
+            total += a.n_routed_experts * a.hidden_size * 2  # the float32 router (2x bf16 params)
+        else:
+            total += n(mlp_shapes(a.hidden_size, a.intermediate_size))
+    return int(total * bytes_per_param)
+
+
+def read_bandwidth(threads: int = 2, repeats: int = 5) -> float:
+    """Bytes/s: the best of a few `threads`-thread sums over a 512 MiB tensor."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    x = torch.ones(512 * 2**20 // 4, dtype=torch.float32)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(repeats))
+    torch.set_num_threads(before)
+    return x.nbytes / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def save(name: str, result: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__}, **result}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

@@ -1,0 +1,246 @@
+"""Compact weights, per format (bf16, fp8, int8, int4), in one run on one memory-bound checkpoint:
+weight bytes in memory (and the process's resident growth on load, against the checkpoint's bytes), decode
+matmul throughput on a 4096x4096 weight, model decode tokens/s, and top-1 / KL of the logits against bf16.
+Writes bench/results/quant.json and prints ratios against bf16.
+
+    python bench/quant.py [--threads 2] [--tokens 64]
+
+Each format is measured in a fresh subprocess, so resident memory is that format's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moemesh.demo import DEMO_CONFIG, write_random_checkpoint
+
+CONFIG = DEMO_CONFIG | dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                            num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384,
+                            kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                            n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
+                            first_k_dense_replace=1, num_nextn_predict_layers=0, eos_token_id=None)
+FORMATS = ("bf16", "fp8", "int8", "int4")
+PROMPT = list(range(100, 116))
+EVAL = (6, 50)  # sequences x tokens for top-1 / KL: 300 positions
+
+
+# ---- checkpoints
+def write_fp8(src: Path, dst: Path) -> None:
+    """The official format: e4m3 weights, float32 scale_inv per 128x128 block (amax / 448), for the linear
+    weights inside the layers (not the router, norms, embedding or lm_head)."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    weight_map = {}
+    for file in sorted(set(index["weight_map"].values())):
+        out = {}
+        for name, t in load_file(src / file).items():
+            out[name] = t
+            if t.dim() == 2 and ".layers." in name and "mlp.gate.weight" not in name:
+                out[name], out[name.removesuffix("weight") + "weight_scale_inv"] = fp8_blocks(t.float())
+        save_file(out, dst / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(out, file)
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (dst / "config.json").write_text(json.dumps(cfg))
+
+
+def fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out, inp = w.shape
+    po, pi = -out % 128, -inp % 128
+    blocks = torch.nn.functional.pad(w, (0, pi, 0, po)).view((out + po) // 128, 128, (inp + pi) // 128, 128)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-8) / 448.0
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    return q.view(out + po, inp + pi)[:out, :inp].contiguous(), scale
+
+
+def checkpoints(root: Path) -> dict[str, Path]:
+    from moemesh.quantize import Recipe, convert
+
+    paths = {fmt: root / fmt for fmt in FORMATS}
+    if not (paths["bf16"] / "config.json").exists():
+        write_random_checkpoint(paths["bf16"], CONFIG, seed=0, shards=4)
+    if not (paths["fp8"] / "config.json").exists():
+        write_fp8(paths["bf16"], paths["fp8"])
+    for bits in (8, 4):
+        if not (paths[f"int{bits}"] / "config.json").exists():
+            convert(paths["bf16"], paths[f"int{bits}"], Recipe(bits=bits, group_size=64))
+    return paths
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+# ---- one format, in its own process
+def rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def matmul_throughput(fmt: str, reps: int = 20) -> dict:
+    """y = x @ W.T for one bf16 token through the backend's decode path, over 6 different 4096x4096 weights
+    in turn (at least 56 MB, more than the last-level cache: the weights come from memory, as in decode)."""
+    from moemesh.kernels.affine import AffineWeight
+    from moemesh.kernels.fp8 import Fp8Weight
+    from moemesh.kernels.torch_backend import TorchBackend
+    from moemesh.model.affine import quantize
+    from moemesh.model.config import args_from_dict
+
+    backend = TorchBackend(args_from_dict(CONFIG), "bfloat16")
+    weights = []
+    for seed in range(6):
+        w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(seed)) * 0.02
+        if fmt == "bf16":
+            weights.append(w.bfloat16())
+        elif fmt == "fp8":
+            weights.append(Fp8Weight(*fp8_blocks(w), (128, 128)))
+        else:
+            words, s = quantize(w.bfloat16(), int(fmt[3:]), 64)
+            weights.append(AffineWeight(words.view(torch.int32), s.scales, s.biases, s.bits, s.group_size))
+    x = torch.randn(1, 4096).bfloat16()
+    for weight in weights:
+        backend.linear(x, weight)
+    start = time.perf_counter()
+    for _ in range(reps):
+        for weight in weights:
+            backend.linear(x, weight)
+    seconds = (time.perf_counter() - start) / reps / len(weights)
+    nbytes = weights[0].nbytes
+    return {"us": seconds * 1e6, "GB_per_s": nbytes / seconds / 1e9, "G_weights_per_s": 4096**2 / seconds / 1e9,
+            "bytes": nbytes}
+
+
+def measure(fmt: str, path: Path, tokens: int, reference: Path) -> dict:
+    import numpy as np
+
+    import moemesh
+    from moemesh.kernels.cpu_ext import cpu_kernels
+    from moemesh.placement.sizes import model_sizes, weight_format
+
+    cpu_kernels()  # built (or loaded) before the memory baseline
+    before = rss()
+    engine = moemesh.load(path, dtype="bfloat16")
+    predicted = model_sizes(engine.args, weight_format(fmt, engine.args, group_size=64)).weight_bytes
+    engine.generate(PROMPT, max_new_tokens=4)  # warm up
+    rates = []
+    for _ in range(3):
+        engine.generate(PROMPT, max_new_tokens=tokens)
+        rates.append(engine.last_stats.decode_tokens_per_s)
+    ids = torch.randint(0, CONFIG["vocab_size"], EVAL, generator=torch.Generator().manual_seed(1))
+    logits = engine.logits(ids).float()
+    grown = rss() - before  # after decoding and 300 positions: every weight page has been touched
+    result = {"format": fmt, "weight_bytes": engine.weight_bytes, "planner_bytes": predicted,
+              "checkpoint_bytes": checkpoint_bytes(path), "rss_growth_bytes": grown,
+              "decode_tokens_per_s": max(rates), "matmul_4096": matmul_throughput(fmt)}
+    if fmt == "bf16":
+        np.save(reference, logits.numpy())
+    else:
+        ref = torch.from_numpy(np.load(reference))
+        p = ref.log_softmax(-1)
+        result["top1_vs_bf16"] = (ref.argmax(-1) == logits.argmax(-1)).float().mean().item()
+        result["kl_vs_bf16"] = (p.exp() * (p - logits.log_softmax(-1))).sum(-1).mean().item()
+    return result
+
+
+def torch_alternatives(reps: int = 100) -> dict:
+    """torch's own quantized CPU matmuls on the same 4096x4096 single-token product, for comparison."""
+    x, out = torch.randn(1, 4096).bfloat16(), {}
+    ops = {
+        "aten._weight_int8pack_mm (int8, per channel)": (
+            torch.ops.aten._weight_int8pack_mm,
+            (x, torch.randint(-128, 127, (4096, 4096), dtype=torch.int8), torch.rand(4096).bfloat16()), 4096 * 4096),
+        "aten._weight_int4pack_mm_for_cpu (int4, group 128)": (
+            torch.ops.aten._weight_int4pack_mm_for_cpu,
+            (x, torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (4096, 4096), dtype=torch.int32), 2),
+             128, torch.rand(32, 4096, 2).bfloat16()), 4096 * 4096 // 2),
+    }
+    for name, (op, args, nbytes) in ops.items():
+        try:
+            for _ in range(5):
+                op(*args)
+            start = time.perf_counter()
+            for _ in range(reps):
+                op(*args)
+            seconds = (time.perf_counter() - start) / reps
+            out[name] = {"us": seconds * 1e6, "GB_per_s": nbytes / seconds / 1e9, "G_weights_per_s": 4096**2 / seconds / 1e9}
+        except (RuntimeError, NotImplementedError) as e:
+            out[name] = {"error": str(e).splitlines()[0]}
+    return out
+
+
+def read_bandwidth() -> float:
+    """Best of a few passes of torch.sum over 512 MiB (bytes/s)."""
+    t = torch.ones(128 << 20)
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - start)
+    return t.nbytes / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--dir", type=Path, default=None, help="where the checkpoints are built (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant.json")
+    ap.add_argument("--measure", nargs=3, metavar=("FORMAT", "PATH", "REFERENCE"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.measure:
+        fmt, path, reference = a.measure
+        print(json.dumps(measure(fmt, Path(path), a.tokens, Path(reference))))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        root = a.dir or Path(tmp)
+        paths = checkpoints(root)
+        reference = root / "bf16_logits.npy"
+        results = {}
+        for fmt in FORMATS:
+            run = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--tokens", str(a.tokens),
+                                  "--measure", fmt, str(paths[fmt]), str(reference)],
+                                 capture_output=True, text=True, check=True, env=os.environ)
+            results[fmt] = json.loads(run.stdout.strip().splitlines()[-1])
+            print(f"measured {fmt}", file=sys.stderr)
+    report = {"config": {k: CONFIG[k] for k in ("hidden_size", "num_hidden_layers", "n_routed_experts",
+                                                  "num_experts_per_tok", "moe_intermediate_size", "vocab_size")},
+              "threads": a.threads, "read_bandwidth_GB_per_s": read_bandwidth() / 1e9, "formats": results,
+              "torch_alternatives": torch_alternatives()}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2))
+    base = results["bf16"]
+    print(f"{a.threads} threads; read bandwidth {report['read_bandwidth_GB_per_s']:.1f} GB/s")
+    print(f"{'format':6} {'weights MB':>10} {'x bf16':>7} {'planner':>8} {'RSS/ckpt':>8} {'matmul GB/s':>11} "
+          f"{'G w/s':>6} {'x bf16':>7} {'decode tok/s':>12} {'x bf16':>7} {'top-1':>6} {'KL':>8}")
+    for fmt, r in results.items():
+        m = r["matmul_4096"]
+        print(f"{fmt:6} {r['weight_bytes'] / 1e6:10.1f} {r['weight_bytes'] / base['weight_bytes']:7.3f} "
+              f"{r['weight_bytes'] / r['planner_bytes']:8.3f} {r['rss_growth_bytes'] / r['checkpoint_bytes']:8.3f} "
+              f"{m['GB_per_s']:11.1f} {m['G_weights_per_s']:6.1f} "
+              f"{m['G_weights_per_s'] / base['matmul_4096']['G_weights_per_s']:7.2f} "
+              f"{r['decode_tokens_per_s']:12.1f} {r['decode_tokens_per_s'] / base['decode_tokens_per_s']:7.2f} "
+              f"{r.get('top1_vs_bf16', 1.0):6.3f} {r.get('kl_vs_bf16', 0.0):8.5f}")
+    for name, r in report["torch_alternatives"].items():
+        print(f"torch: {name}: " + (f"{r['G_weights_per_s']:.1f} G weights/s" if "error" not in r else r["error"]))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

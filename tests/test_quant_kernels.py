@@ -1,0 +1,163 @@
+"""The quantized-weight kernels (csrc/quant.cpp) against the dequantize-then-multiply they replace: FP8 e4m3
+byte by byte (subnormals included), int4/int8 for every group size on awkward shapes, fused MLP and experts,
+a whole quantized bf16 model with and without the kernels, and torch's FP8 matmul where a Hopper GPU is."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_quantization import DIMS
+
+import moemesh
+from moemesh.kernels.affine import AffineWeight
+from moemesh.kernels.base import MlpWeights, MoeWeights
+from moemesh.kernels.cpu_ext import cpu_kernels
+from moemesh.kernels.fp8 import Fp8Weight, dequantize as fp8_dequantize, scaled_mm_linear, scaled_mm_supported
+from moemesh.kernels.quant_ops import kernel_args
+from moemesh.kernels.torch_backend import TorchBackend
+from moemesh.model.affine import quantize
+from moemesh.model.config import args_from_dict
+from moemesh.quantize import Recipe, convert
+
+kernels = cpu_kernels()
+needs_kernels = pytest.mark.skipif(kernels is None, reason="the CPU kernels could not be built on this machine")
+gen = torch.Generator().manual_seed(0)
+
+
+def e4m3_value(byte: int) -> float:
+    """The OCP e4m3 encoding, from its definition: bias 7, subnormals m * 2^-9, no infinities."""
+    sign = -1.0 if byte & 0x80 else 1.0
+    e, m = (byte >> 3) & 15, byte & 7
+    return sign * (m * 2.0**-9 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+
+
+def fp8_weight(out: int, inp: int) -> Fp8Weight:
+    q = torch.randint(0, 256, (out, inp), dtype=torch.uint8, generator=gen)
+    q[(q & 0x7F) == 0x7F] = 0  # no NaN encodings
+    scale = torch.rand(math.ceil(out / 128), math.ceil(inp / 128), generator=gen) + 0.5
+    return Fp8Weight(q.view(torch.float8_e4m3fn), scale, (128, 128))
+
+
+def affine(out: int, inp: int, bits: int, group: int) -> AffineWeight:
+    words, s = quantize(torch.randn(out, inp, generator=gen) * 0.05, bits, group)
+    return AffineWeight(words.view(torch.int32), s.scales.bfloat16(), s.biases.bfloat16(), bits, group)
+
+
+def dense(w) -> torch.Tensor:
+    """The weight in float32: what the kernels' products are held to."""
+    if isinstance(w, Fp8Weight):
+        return fp8_dequantize(w)
+    from moemesh.kernels.affine import to_dense
+    return to_dense(w, torch.float32)
+
+
+def close(got: torch.Tensor, want: torch.Tensor, k: int) -> bool:
+    """Within bf16 output rounding plus fp32 accumulation noise of a k-term sum."""
+    return bool(((got.float() - want).abs() <= 2**-8 * want.abs() + 1e-5 * k**0.5 * want.abs().max()).all())
+
+
+@needs_kernels
+def test_fp8_bytes_decode_exactly():
+    """All 256 encodings through the decode kernel (x = one-hot) and the tile dequantizer, against e4m3_value."""
+    table = torch.tensor([e4m3_value(b) for b in range(256)])
+    q = torch.arange(256, dtype=torch.uint8).view(2, 128)
+    scale = torch.ones(1, 1)
+    args = (q, scale, torch.empty(0), 1, 128)
+    ok = torch.isfinite(table.view(2, 128))  # 0x7F and 0xFF are NaN in e4m3: the kernels need not agree
+    tile = kernels.dequantize_q(args, 0, 2).float()
+    assert torch.equal(tile[ok], table.view(2, 128).bfloat16().float()[ok])
+    x = torch.eye(128).bfloat16()  # 128 tokens, in passes of up to 8 (decode kernel, any number of rows)
+    got = torch.cat([kernels.linear_q(x[i : i + 8], args) for i in range(0, 128, 8)]).float().T  # [2, 128]
+    assert torch.equal(got[ok], table.view(2, 128).bfloat16().float()[ok])
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3, 5, 8])
+@pytest.mark.parametrize("shape", [(300, 200), (130, 1000), (4, 72), (257, 128)])
+def test_fp8_linear(m, shape):
+    w = fp8_weight(*shape)
+    x = torch.randn(m, shape[1], generator=gen).bfloat16()
+    assert close(kernels.linear_q(x, kernel_args(w)), x.float() @ dense(w).T, shape[1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 2, 4, 7])
+def test_affine_linear(bits, group, m):
+    for out, inp in ((37, 256), (70, 3 * group), (5, group), (130, 2048 + group)):
+        w = affine(out, inp, bits, group)
+        x = torch.randn(m, inp, generator=gen).bfloat16()
+        want = x.float() @ dense(w).T
+        assert close(kernels.linear_q(x, kernel_args(w)), want, inp), (out, inp)
+        tile = kernels.dequantize_q(kernel_args(w), 0, out)
+        assert torch.equal(tile, dense(w).bfloat16())
+
+
+@needs_kernels
+def test_fused_mlp_and_experts_match_the_unfused_path():
+    args = args_from_dict(dict(model_type="deepseek_v3", vocab_size=64, hidden_size=256, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=32, q_lora_rank=None,
+                               qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, moe_intermediate_size=128,
+                               n_routed_experts=6, num_experts_per_tok=2, first_k_dense_replace=1))
+    fast, plain = TorchBackend(args, "bfloat16"), TorchBackend(args, "bfloat16")
+    plain.kernels = None
+    kinds = [lambda o, i: affine(o, i, 4, 64), lambda o, i: affine(o, i, 8, 32), fp8_weight]
+    experts = {e: MlpWeights(kinds[e % 3](128, 256), kinds[(e + 1) % 3](128, 256), kinds[(e + 2) % 3](256, 128))
+               for e in range(6)}  # every format, mixed inside one MLP too
+    x = torch.randn(3, 256, generator=gen).bfloat16()
+    for mlp in experts.values():
+        want = plain.mlp(mlp, x).float()
+        assert ((fast.mlp(mlp, x).float() - want).abs() <= 0.02 * want.abs().max()).all()
+    ids = torch.tensor([[0, 3], [1, 5], [3, 4]])
+    weights = torch.rand(3, 2, generator=gen)
+    moe = MoeWeights(router=None, bias=None, experts=experts, shared=None)
+    want = plain.experts(moe, x, ids, weights).float()
+    assert ((fast.experts(moe, x, ids, weights).float() - want).abs() <= 0.02 * want.abs().max()).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_bf16_model_with_and_without_kernels(tmp_path, bits):
+    """Decode steps (kernels) and prefill (kernel-dequantized tiles) against torch's dequantize-and-multiply."""
+    from test_quantization import hf_checkpoint
+
+    convert(hf_checkpoint(tmp_path / "hf"), tmp_path / "q", Recipe(bits=bits, group_size=64))
+    fast = moemesh.load(tmp_path / "q", dtype="bfloat16")
+    plain = moemesh.load(tmp_path / "q", dtype="bfloat16")
+    plain.backend.kernels = None
+    ids = torch.randint(0, DIMS["vocab_size"], (30,), generator=gen).tolist()
+    step = fast.step_fn(fast.new_cache())
+    got = torch.stack([torch.from_numpy(step(ids[:12], 0))] + [torch.from_numpy(step([t], 12 + i))
+                                                                 for i, t in enumerate(ids[12:])])
+    want = plain.logits([ids])[0, 11:]
+    err = (got - want).abs()
+    assert err.max() <= 0.05 * want.abs().max() and err.mean() <= 0.01 * want.abs().mean()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_scaled_mm_on_cuda():
+    """torch's blockwise FP8 matmul (Hopper, CUDA >= 12.9) against the dequantized weight; elsewhere the
+    band-wise dequantization serves and this only checks that it is chosen."""
+    w = fp8_weight(256, 512)
+    w = Fp8Weight(w.weight.cuda(), w.scale_inv.cuda(), w.block)
+    x = torch.randn(4, 512, generator=gen).bfloat16().cuda()
+    if not scaled_mm_supported(x, w):
+        pytest.skip("this GPU has no blockwise FP8 matmul")
+    want = x.float() @ dense(w).T
+    got = scaled_mm_linear(x, w).float()
+    assert ((got - want).abs() <= 0.05 * want.abs().max()).all()  # the activations are quantized to e4m3 too
+
+
+def test_backend_uses_plain_torch_where_kernels_do_not_apply():
+    """float32 compute: FP8 and affine weights go through torch's band-wise dequantization."""
+    args = args_from_dict(dict(model_type="deepseek_v3", vocab_size=64, hidden_size=128, intermediate_size=64,
+                               num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=32, q_lora_rank=None,
+                               qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16))
+    backend = TorchBackend(args, "float32")
+    assert backend.kernels is None
+    q4 = affine(600, 128, 4, 32)
+    for w in (fp8_weight(600, 128), AffineWeight(q4.weight, q4.scales.float(), q4.biases.float(), 4, 32)):
+        x = torch.randn(2, 128, generator=gen)
+        assert torch.allclose(backend.linear(x, w), F.linear(x, dense(w)), atol=1e-5)
