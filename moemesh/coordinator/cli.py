@@ -103,15 +103,15 @@ def print_status(s) -> None:
     out.print(f"[bold]{s.coordinator.name}[/] ({s.state}) serving {s.model}: {s.tokens_per_s:.1f} tokens/s now, "
               f"plan predicts {s.predicted_tokens_per_s:.1f}; {s.active_requests} active request(s); hop latency "
               f"median {s.hop_ms_median:.2f} ms, p99 {s.hop_ms_p99:.2f} ms")
-    table = Table("node", "state", "backend", "memory used / free", "layers", "experts", "RTT", "link", "mem BW",
+    table = Table("node", "state", "backend", "mem used/free", "layers", "experts", "RTT", "mem / decode BW",
                   "matmul", "busy/step")
     for n in s.nodes:
         used = n.weight_bytes + n.kv_bytes
         table.add_row(n.info.name, n.state, f"{n.info.backend}/{n.info.device}",
                       f"{fmt_bytes(used)} / {fmt_bytes(max(n.info.memory_free - used, 0))}", _ranges(list(n.layers)),
-                      str(n.experts), f"{n.rtt_s * 1e3:.2f} ms", f"{n.link_bandwidth / 1e9:.2f} GB/s",
-                      f"{n.memory_bandwidth / 1e9:.1f} GB/s", f"{n.matmul_flops / 1e9:.0f} GFLOP/s",
-                      f"{n.busy_ms:.2f} ms")
+                      str(n.experts), f"{n.rtt_s * 1e3:.2f} ms",
+                      f"{n.memory_bandwidth / 1e9:.0f} / {n.decode_bandwidth / 1e9:.0f} GB/s",
+                      f"{n.matmul_flops / 1e9:.0f} GF/s", f"{n.busy_ms:.1f} ms")
     out.print(table)
 
 

@@ -18,7 +18,8 @@ class NodeHandle:
     info: pb.NodeInfo
     address: str  # host:port of its gRPC server
     state: str = "joining"  # joining -> ready -> lost
-    memory_bandwidth: float = 0.0  # bytes/s
+    memory_bandwidth: float = 0.0  # bytes/s, a plain sum
+    decode_bandwidth: float = 0.0  # bytes/s of weights its decode matmuls read: what the planner uses
     matmul_flops: float = 0.0
     rtt_s: float = 0.0
     link_bandwidth: float = 0.0  # bytes/s, coordinator -> node
@@ -47,7 +48,7 @@ class NodeHandle:
         if self.channel is not None:
             await self.channel.close()
 
-    async def admit(self, me: pb.NodeInfo, dtype: str) -> None:
+    async def admit(self, me: pb.NodeInfo, dtype: str, expert_shape: tuple[int, int]) -> None:
         """Handshake, then measure: the node's memory bandwidth and matmul speed (it measures them), and
         the link's round trip and bandwidth (measured from here)."""
         self.connect()
@@ -58,8 +59,11 @@ class NodeHandle:
         problem = version_problem(theirs, "this coordinator")
         if problem:
             raise ProtocolError(problem)
-        profile = await self.stub.Profile(pb.ProfileRequest(dtype=dtype), timeout=120)
+        hidden, intermediate = expert_shape
+        profile = await self.stub.Profile(pb.ProfileRequest(dtype=dtype, hidden=hidden, intermediate=intermediate),
+                                          timeout=300)
         self.memory_bandwidth, self.matmul_flops = profile.memory_bandwidth, profile.matmul_flops
+        self.decode_bandwidth = profile.decode_bandwidth
         self.info.memory_free = profile.memory_free
         rtts = []
         for _ in range(10):
@@ -86,6 +90,7 @@ class NodeHandle:
     def status(self) -> pb.NodeStatus:
         return pb.NodeStatus(info=self.info, state=self.state, rtt_s=self.rtt_s, link_bandwidth=self.link_bandwidth,
                              memory_bandwidth=self.memory_bandwidth, matmul_flops=self.matmul_flops,
+                             decode_bandwidth=self.decode_bandwidth,
                              weight_bytes=self.weight_bytes, kv_bytes=self.kv_bytes, layers=self.layers,
                              experts=self.experts,
                              busy_ms=statistics.median(self.busy_ms) if self.busy_ms else 0.0)

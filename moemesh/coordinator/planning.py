@@ -28,8 +28,9 @@ def weight_quant(args: ModelArgs, dtype: str) -> str:
 def placement_cluster(args: ModelArgs, workers: list[NodeHandle], dtype: str, context: int, mtp: bool) -> Cluster:
     link = Link(rtt=statistics.median([w.rtt_s for w in workers]) or 1e-4,
                 bandwidth=min(w.link_bandwidth for w in workers) or 1e9)
-    nodes = tuple(Node(w.name, int(w.info.memory_free), w.memory_bandwidth or 1e10, w.matmul_flops or 1e11)
-                  for w in workers)
+    # Plan with the bandwidth decoding achieves on each node, not the plain sum's.
+    nodes = tuple(Node(w.name, int(w.info.memory_free), w.decode_bandwidth or w.memory_bandwidth or 1e10,
+                       w.matmul_flops or 1e11) for w in workers)
     # The coordinator holds the head and nothing else: offer the planner exactly that much memory.
     probe = Cluster((Node(HEAD, 1 << 62, 1e11, 1e12, head=True),) + nodes, link)
     need = problem(args, probe, None, context, weight_quant(args, dtype), mtp=mtp).tm.head_memory()

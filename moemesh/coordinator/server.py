@@ -116,13 +116,15 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
 
     async def _admit(self, handle: NodeHandle) -> None:
         try:
-            await handle.admit(self.info(), self.opts.dtype)
+            a = self.args
+            await handle.admit(self.info(), self.opts.dtype, (a.hidden_size, a.moe_intermediate_size or a.intermediate_size))
         except (ProtocolError, grpc.aio.AioRpcError) as e:
             handle.state = "lost"
             self.ui.log(f"[red]could not admit[/] {handle.name}: {e}")
             return
         self.ui.log(f"worker [bold]{handle.name}[/] joined from {handle.address}: "
-                    f"{handle.info.memory_free / 1e9:.1f} GB offered, memory {handle.memory_bandwidth / 1e9:.1f} GB/s, "
+                    f"{handle.info.memory_free / 1e9:.1f} GB offered, memory {handle.memory_bandwidth / 1e9:.1f} GB/s "
+                    f"(decode reads {handle.decode_bandwidth / 1e9:.1f} GB/s), "
                     f"matmul {handle.matmul_flops / 1e9:.0f} GFLOP/s, RTT {handle.rtt_s * 1e3:.2f} ms")
         self.joined.set()
         if self.state == "ready":  # a node joined a running cluster: maybe a better plan

@@ -28,7 +28,7 @@ from ..transport.discovery import Discovery
 from ..transport.pipeline import StepStream
 from ..transport.wire import (GRPC_OPTIONS, PROTOCOL_VERSION, ProtocolError, address, new_node_id, node_info,
                               tensor_from, tensor_msg, version_problem)
-from .profile import matmul_flops, memory_bandwidth
+from .profile import decode_bandwidth, matmul_flops, memory_bandwidth
 from .shard import Shard
 
 
@@ -105,11 +105,15 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
 
     async def Profile(self, request: pb.ProfileRequest, context) -> pb.ProfileReply:
         loop = asyncio.get_running_loop()
+        dtype = request.dtype or "bfloat16"
         bandwidth = await loop.run_in_executor(self.compute, memory_bandwidth)
-        flops = await loop.run_in_executor(self.compute, matmul_flops, request.dtype or "bfloat16")
+        flops = await loop.run_in_executor(self.compute, matmul_flops, dtype)
+        decode = 0.0
+        if request.hidden and request.intermediate:
+            decode = await loop.run_in_executor(self.compute, decode_bandwidth, request.hidden, request.intermediate, dtype)
         info = self.info()
         return pb.ProfileReply(memory_bandwidth=bandwidth, matmul_flops=flops, memory_total=info.memory_total,
-                               memory_free=info.memory_free)
+                               memory_free=info.memory_free, decode_bandwidth=decode)
 
     async def Echo(self, request: pb.EchoMessage, context) -> pb.EchoMessage:
         self.last_heard = time.monotonic()
