@@ -10,6 +10,7 @@ import torch
 
 from .model.config import args_from_dict
 from .model.generate import GenerationStats
+from .model.routing import RoutingStats
 from .model.tokenizer import Tokenizer
 from .transport import moemesh_pb2 as pb
 from .transport import moemesh_pb2_grpc as rpc
@@ -63,6 +64,14 @@ class ClusterModel:
 
     def status(self) -> pb.Status:
         return self._call(self.stub.Cluster, pb.Empty())
+
+    def routing_stats(self) -> RoutingStats:
+        """Tokens routed to each expert of each MoE layer, over the whole cluster."""
+        counts = self._call(self.stub.Routing, pb.Empty())
+        stats = RoutingStats(counts.n_routed_experts or self.args.n_routed_experts)
+        for layer, row in counts.layers.items():
+            stats.add(layer, list(row.tokens))
+        return stats
 
     def _call(self, method, request):
         try:

@@ -52,6 +52,9 @@ def test_three_workers_match_one_machine(checkpoint, single, tmp_path, split):
             for layer in plan["experts"]:
                 assert len({node for reps in layer["replicas"] for node, _ in reps}) > 1
         check_against_single(model, single)
+        stats = model.routing_stats()  # each lead counted its layers' tokens per expert
+        assert sorted(stats.layers) == [1, 2, 3]
+        assert len({sum(c) for c in stats.layers.values()}) == 1 and sum(stats.layers[1]) % 2 == 0
         status = model.status()
         assert status.hop_ms_median > 0 and {n.info.name for n in status.nodes} == {"w1", "w2", "w3"}
         assert "joined from 127.0.0.1" in cluster.log("coordinator")

@@ -79,6 +79,7 @@ def status(
     coordinator: str = typer.Option(None, help="HOST:PORT (default: find it by mDNS)."),
     cluster: str = typer.Option("default"),
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+    save_routing: Path = typer.Option(None, help="Write the tokens routed to each expert (for `placement --stats`)."),
 ) -> None:
     """Print the cluster: nodes, backend, memory, layers and experts held, link RTT, tokens/s."""
     from google.protobuf.json_format import MessageToDict
@@ -89,6 +90,9 @@ def status(
     try:
         with ClusterModel(target, timeout=10) as model:
             s = model.status()
+            if save_routing:
+                model.routing_stats().save(save_routing)
+                console.print(f"routing statistics written to {save_routing}")
     except ConnectionError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(1) from None

@@ -23,6 +23,7 @@ from ..model.checkpoint import Checkpoint, fingerprint
 from ..model.engine import eos_ids
 from ..model.generate import Sampling
 from ..model.model import Transformer
+from ..model.routing import RoutingStats
 from ..model.tokenizer import Tokenizer
 from ..placement import PlacementError, Plan
 from ..transport import moemesh_pb2 as pb
@@ -86,6 +87,7 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
         self.step_ids = itertools.count(1)
         self.hop_ms: deque[float] = deque(maxlen=2000)
         self.joined = asyncio.Event()
+        self.past_routing = RoutingStats(self.args.n_routed_experts)
         self.port = 0
         self.scheduler = Scheduler(self.head, self.tokenizer, eos_ids(Path(opts.model), self.args), self.forward,
                                    self.replan)
@@ -169,8 +171,9 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
         workers = self.ready_workers()
         if not workers:
             raise RuntimeError("no workers left")
+        stats = await self.routing_stats()  # what the current shards saw: hot experts get replicas
         plan = make_plan(self.args, workers, self.opts.dtype, self.opts.split, self.opts.context,
-                         mtp=bool(self.head.mtp), plan_file=self.opts.plan_file)
+                         mtp=bool(self.head.mtp), stats=stats if stats.layers else None, plan_file=self.opts.plan_file)
         if keep_if_same and self.plan is not None and _layout(plan) == _layout(self.plan):
             return
         self.state = "loading"
@@ -179,6 +182,7 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
         specs, first = shard_specs(plan, workers, self.plan_id, str(Path(self.opts.model).resolve()),
                                    self.fingerprint, self.opts.dtype)
         by_id = {w.node_id: w for w in workers}
+        self.past_routing = stats  # the new shards start counting from zero
         results = await asyncio.gather(*(self._load(by_id[node], spec) for node, spec in specs.items()),
                                        return_exceptions=True)
         failed = [str(r) for r in results if isinstance(r, BaseException)]
@@ -329,6 +333,26 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return pb.LogitsReply(logits=tensor_msg(logits.view(batch, length, -1)))
 
+    async def routing_stats(self) -> RoutingStats:
+        """Tokens routed to each expert, merged over the workers (each counts the layers it leads), added to
+        what earlier plans' workers counted."""
+        stats = RoutingStats(self.args.n_routed_experts)
+        stats.merge(self.past_routing)
+        for w in self.ready_workers():
+            try:
+                counts = await w.stub.Routing(pb.Empty(), timeout=10)
+            except grpc.aio.AioRpcError:
+                continue
+            stats.merge(_stats(counts, self.args.n_routed_experts))
+        return stats
+
+    async def Routing(self, request: pb.Empty, context) -> pb.RoutingCounts:
+        stats = await self.routing_stats()
+        reply = pb.RoutingCounts(n_routed_experts=stats.n_routed_experts)
+        for layer, counts in stats.layers.items():
+            reply.layers[layer].tokens.extend(counts)
+        return reply
+
     async def Cluster(self, request: pb.Empty, context) -> pb.Status:
         hops = sorted(self.hop_ms)
         return pb.Status(
@@ -338,6 +362,13 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
             plan_json=json.dumps(self.plan.to_dict()) if self.plan else "", state=self.state,
             hop_ms_median=statistics.median(hops) if hops else 0.0,
             hop_ms_p99=hops[min(len(hops) - 1, int(0.99 * len(hops)))] if hops else 0.0)
+
+
+def _stats(counts: pb.RoutingCounts, n_routed: int) -> RoutingStats:
+    stats = RoutingStats(n_routed)
+    for layer, row in counts.layers.items():
+        stats.add(layer, list(row.tokens))
+    return stats
 
 
 def _layout(plan: Plan) -> tuple:

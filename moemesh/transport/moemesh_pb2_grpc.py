@@ -512,6 +512,11 @@ class CoordinatorStub:
                 request_serializer=moemesh__pb2.Empty.SerializeToString,
                 response_deserializer=moemesh__pb2.Status.FromString,
                 _registered_method=True)
+        self.Routing = channel.unary_unary(
+                '/moemesh.Coordinator/Routing',
+                request_serializer=moemesh__pb2.Empty.SerializeToString,
+                response_deserializer=moemesh__pb2.RoutingCounts.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -553,6 +558,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Routing(self, request, context):
+        """tokens per expert, gathered from every worker
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -585,6 +597,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Cluster,
                     request_deserializer=moemesh__pb2.Empty.FromString,
                     response_serializer=moemesh__pb2.Status.SerializeToString,
+            ),
+            'Routing': grpc.unary_unary_rpc_method_handler(
+                    servicer.Routing,
+                    request_deserializer=moemesh__pb2.Empty.FromString,
+                    response_serializer=moemesh__pb2.RoutingCounts.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -749,6 +766,33 @@ class Coordinator:
             '/moemesh.Coordinator/Cluster',
             moemesh__pb2.Empty.SerializeToString,
             moemesh__pb2.Status.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Routing(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.Coordinator/Routing',
+            moemesh__pb2.Empty.SerializeToString,
+            moemesh__pb2.RoutingCounts.FromString,
             options,
             channel_credentials,
             insecure,
