@@ -23,16 +23,7 @@ torch::Tensor linear_heads_bf16(torch::Tensor x, torch::Tensor w) {
   const int64_t H = x.size(0), n = x.size(1), K = x.size(2), N = w.size(1);
   TORCH_CHECK(w.dim() == 3 && w.size(0) == H && w.size(2) == K, "linear_heads_bf16: shapes ", x.sizes(), " ", w.sizes());
   auto y = torch::empty({H, n, N}, x.options());
-  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  const int64_t per_head = (N + ROW_GRAIN - 1) / ROW_GRAIN;
-  at::parallel_for(0, H * per_head, 1, [&](int64_t begin, int64_t end) {  // one parallel region for all heads
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t h = item / per_head, r = (item % per_head) * ROW_GRAIN;
-      linear_rows(xp + h * n * K, wp + h * N * K, n, N, K, yp + h * n * N, r, std::min(N, r + ROW_GRAIN));
-    }
-  });
+  linear_per_head(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), H, n, N, K, y.data_ptr<at::BFloat16>());
   return y.transpose(0, 1);
 }
 

@@ -78,18 +78,7 @@ torch::Tensor mla_decode_bf16(torch::Tensor q_nope,  // [n, H, nope]
   // Queries in the latent space: q_lat[h, t, :] = W_UK[h] @ q_nope[t, h, :] (bf16, as the torch path rounds).
   auto qn = q_nope.transpose(0, 1).contiguous();  // [H, n, nope]
   auto q_lat = torch::empty({H, n, C}, q_nope.options());
-  {
-    const at::BFloat16* qp = qn.data_ptr<at::BFloat16>();
-    const at::BFloat16* wp = w_uk.data_ptr<at::BFloat16>();
-    at::BFloat16* op = q_lat.data_ptr<at::BFloat16>();
-    const int64_t per_head = (C + ROW_GRAIN - 1) / ROW_GRAIN;
-    at::parallel_for(0, H * per_head, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t h = item / per_head, r = (item % per_head) * ROW_GRAIN;
-        linear_rows(qp + h * n * dn, wp + h * C * dn, n, C, dn, op + h * n * C, r, std::min(C, r + ROW_GRAIN));
-      }
-    });
-  }
+  linear_per_head(qn.data_ptr<at::BFloat16>(), w_uk.data_ptr<at::BFloat16>(), H, n, C, dn, q_lat.data_ptr<at::BFloat16>());
 
   auto o_lat = torch::empty({H, n, C}, q_nope.options());  // attended latents, rounded to bf16
   std::vector<float> q32(H * W);
@@ -133,18 +122,7 @@ torch::Tensor mla_decode_bf16(torch::Tensor q_nope,  // [n, H, nope]
 
   // Values: values[t, h, :] = W_UV[h] @ o_lat[h, t, :].
   auto values = torch::empty({H, n, dv}, q_nope.options());
-  {
-    const at::BFloat16* op = o_lat.data_ptr<at::BFloat16>();
-    const at::BFloat16* wp = w_uv.data_ptr<at::BFloat16>();
-    at::BFloat16* vp = values.data_ptr<at::BFloat16>();
-    const int64_t per_head = (dv + ROW_GRAIN - 1) / ROW_GRAIN;
-    at::parallel_for(0, H * per_head, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t h = item / per_head, r = (item % per_head) * ROW_GRAIN;
-        linear_rows(op + h * n * C, wp + h * dv * C, n, dv, C, vp + h * n * dv, r, std::min(dv, r + ROW_GRAIN));
-      }
-    });
-  }
+  linear_per_head(o_lat.data_ptr<at::BFloat16>(), w_uv.data_ptr<at::BFloat16>(), H, n, dv, C, values.data_ptr<at::BFloat16>());
   return values.transpose(0, 1);  // [n, H, v]
 }
 
