@@ -86,11 +86,18 @@ def checkpoint_bytes(path: Path) -> int:
 
 
 # ---- one format, in its own process
-def rss() -> int:
+def rss() -> dict[str, int]:
+    """Resident bytes: file-backed (memory-mapped weights) and anonymous (copies, activations, caches)."""
+    out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+        if line.startswith(("RssFile:", "RssAnon:")):
+            out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return out
+
+
+def growth(before: dict[str, int]) -> dict[str, int]:
+    now = rss()
+    return {k: now[k] - before[k] for k in now} | {"total": sum(now.values()) - sum(before.values())}
 
 
 def matmul_throughput(fmt: str, reps: int = 20) -> dict:
@@ -142,12 +149,12 @@ def measure(fmt: str, path: Path, tokens: int, reference: Path) -> dict:
     for _ in range(3):
         engine.generate(PROMPT, max_new_tokens=tokens)
         rates.append(engine.last_stats.decode_tokens_per_s)
-    grown = rss() - before  # weights (every expert has been used by now) and decode's small working set
+    grown = growth(before)  # weights (every expert has been used by now) and decode's working set
     ids = torch.randint(0, CONFIG["vocab_size"], EVAL, generator=torch.Generator().manual_seed(1))
     logits = engine.logits(ids).float()
     result = {"format": fmt, "weight_bytes": engine.weight_bytes, "planner_bytes": predicted,
               "checkpoint_bytes": checkpoint_bytes(path), "rss_growth_bytes": grown,
-              "rss_growth_after_300_position_prefill_bytes": rss() - before,
+              "rss_growth_after_300_position_prefill_bytes": growth(before),
               "decode_tokens_per_s": max(rates), "matmul_4096": matmul_throughput(fmt)}
     if fmt == "bf16":  # the reference; and its own distance from float32, the noise floor of these figures
         np.save(reference, logits.numpy())
@@ -236,12 +243,13 @@ def main() -> None:
     base = results["bf16"]
     print(f"{a.threads} threads; read bandwidth {report['read_bandwidth_GB_per_s']:.1f} GB/s; top-1 / KL against the "
           "bf16 model's logits (bf16's row: against float32, the noise floor)")
-    print(f"{'format':6} {'weights MB':>10} {'x bf16':>7} {'planner':>8} {'RSS/ckpt':>8} {'matmul GB/s':>11} "
+    print(f"{'format':6} {'weights MB':>10} {'x bf16':>7} {'planner':>8} {'RSS/ckpt':>8} {'anon MB':>7} {'matmul GB/s':>11} "
           f"{'G w/s':>6} {'x bf16':>7} {'decode tok/s':>12} {'x bf16':>7} {'top-1':>6} {'KL':>8}")
     for fmt, r in results.items():
         m = r["matmul_4096"]
         print(f"{fmt:6} {r['weight_bytes'] / 1e6:10.1f} {r['weight_bytes'] / base['weight_bytes']:7.3f} "
-              f"{r['weight_bytes'] / r['planner_bytes']:8.3f} {r['rss_growth_bytes'] / r['checkpoint_bytes']:8.3f} "
+              f"{r['weight_bytes'] / r['planner_bytes']:8.3f} {r['rss_growth_bytes']['total'] / r['checkpoint_bytes']:8.3f} "
+              f"{r['rss_growth_bytes']['RssAnon'] / 1e6:7.1f} "
               f"{m['GB_per_s']:11.1f} {m['G_weights_per_s']:6.1f} "
               f"{m['G_weights_per_s'] / base['matmul_4096']['G_weights_per_s']:7.2f} "
               f"{r['decode_tokens_per_s']:12.1f} {r['decode_tokens_per_s'] / base['decode_tokens_per_s']:7.2f} "

@@ -150,5 +150,32 @@ def demo(
             cluster.close()
 
 
+@app.command()
+def quantize(
+    src: Path = typer.Argument(..., help="Hugging Face checkpoint directory (bf16/fp32, or the official FP8)."),
+    dst: Path = typer.Argument(..., help="New directory for the quantized checkpoint."),
+    bits: int = typer.Option(4, help="4 or 8."),
+    group_size: int = typer.Option(64, help="Weights sharing one scale and bias: 32, 64 or 128."),
+    keep: str = typer.Option("", help="Parts kept at --keep-bits, comma-separated: attn,shared,experts,dense,embed,head."),
+    keep_bits: int = typer.Option(8, help="Bits of the --keep parts: 8, 4, or 16 to leave them unquantized."),
+    shard_size: float = typer.Option(2.0, help="GB per output shard."),
+) -> None:
+    """Quantize a checkpoint to the MLX affine format (int4/int8 groups), streaming tensor by tensor."""
+    from .quantize import Recipe, convert
+
+    try:
+        recipe = Recipe(bits, group_size, frozenset(p for p in keep.split(",") if p), keep_bits)
+        with Progress(TextColumn("[bold]quantizing[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),
+                      TimeElapsedColumn(), TextColumn("[dim]{task.description}"), console=console) as bar:
+            task = bar.add_task("", total=None)
+            convert(src, dst, recipe, int(shard_size * 1e9),
+                    lambda name, done, total: bar.update(task, description=name, completed=done, total=total))
+    except ValueError as e:  # CheckpointError and ConfigError included
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    parts = f", {','.join(sorted(recipe.keep))} at {keep_bits} bits" if recipe.keep else ""
+    console.print(f"wrote {dst}: {bits}-bit groups of {group_size}{parts}")
+
+
 if __name__ == "__main__":
     app()

@@ -12,6 +12,7 @@ from moemesh.launch import LocalCluster
 from hf_reference import build_checkpoint, make_config
 
 import moemesh
+from moemesh.quantize import Recipe, convert
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +100,15 @@ def test_version_skew_is_refused_with_both_versions(checkpoint, tmp_path):
         cluster.close()
 
 
-def test_worker_without_the_files_gets_the_weights_streamed(checkpoint, single, tmp_path):
-    cluster = LocalCluster(checkpoint, 2, tmp_path, ["--split", "even", "--dtype", "float32"],
+@pytest.mark.parametrize("fmt", ["float", "int4"])
+def test_worker_without_the_files_gets_the_weights_streamed(checkpoint, single, tmp_path, fmt):
+    """The shard's tensors stream from the coordinator, checked by sha256 — quantized shards as they are."""
+    path = checkpoint
+    if fmt == "int4":
+        path = tmp_path / "int4"
+        convert(checkpoint, path, Recipe(bits=4, group_size=32))
+        single = moemesh.load(path, dtype="float32")
+    cluster = LocalCluster(path, 2, tmp_path, ["--split", "even+experts", "--dtype", "float32"],
                            worker_args=["--fetch-weights"])
     try:
         model = cluster.wait_ready(nodes=2)

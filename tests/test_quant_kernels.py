@@ -32,9 +32,11 @@ def e4m3_value(byte: int) -> float:
     return sign * (m * 2.0**-9 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
 
 
-def fp8_weight(out: int, inp: int) -> Fp8Weight:
+def fp8_weight(out: int, inp: int, normals_only: bool = False) -> Fp8Weight:
     q = torch.randint(0, 256, (out, inp), dtype=torch.uint8, generator=gen)
     q[(q & 0x7F) == 0x7F] = 0  # no NaN encodings
+    if normals_only:  # no zero or subnormal byte: the kernel's fast path (a real checkpoint's usual case)
+        q[(q & 0x78) == 0] |= 0x08
     scale = torch.rand(math.ceil(out / 128), math.ceil(inp / 128), generator=gen) + 0.5
     return Fp8Weight(q.view(torch.float8_e4m3fn), scale, (128, 128))
 
@@ -70,15 +72,21 @@ def test_fp8_bytes_decode_exactly():
     x = torch.eye(128).bfloat16()  # 128 tokens, in passes of up to 8 (decode kernel, any number of rows)
     got = torch.cat([kernels.linear_q(x[i : i + 8], args) for i in range(0, 128, 8)]).float().T  # [2, 128]
     assert torch.equal(got[ok], table.view(2, 128).bfloat16().float()[ok])
+    # the fast path (chunks of 64 bytes without zeros or subnormals): every normal encoding, 64 at a time
+    normal = torch.tensor([b for b in range(256) if (b & 0x78) and (b & 0x7F) != 0x7F], dtype=torch.uint8)
+    q = normal[torch.randperm(len(normal), generator=gen)][:192].view(3, 64)
+    got = kernels.linear_q(torch.eye(64).bfloat16(), (q, torch.ones(1, 1), torch.empty(0), 1, 128)).float().T
+    assert torch.equal(got, table[q.long()].bfloat16().float())
 
 
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 3, 5, 8])
 @pytest.mark.parametrize("shape", [(300, 200), (130, 1000), (4, 72), (257, 128)])
 def test_fp8_linear(m, shape):
-    w = fp8_weight(*shape)
     x = torch.randn(m, shape[1], generator=gen).bfloat16()
-    assert close(kernels.linear_q(x, kernel_args(w)), x.float() @ dense(w).T, shape[1])
+    for normals_only in (False, True):
+        w = fp8_weight(*shape, normals_only)
+        assert close(kernels.linear_q(x, kernel_args(w)), x.float() @ dense(w).T, shape[1])
 
 
 @needs_kernels

@@ -178,6 +178,19 @@ def test_quantize_tool_from_fp8_and_unquantized_parts(hf_dir, tmp_path):
     assert engine.args.affine.bits == 8 and engine.generate([1, 2, 3], max_new_tokens=4)
 
 
+def test_quantize_command(hf_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from moemesh.cli import app
+
+    run = CliRunner().invoke(app, ["quantize", str(hf_dir), str(tmp_path / "q"), "--bits", "8", "--group-size", "32",
+                                   "--keep", "attn"])
+    assert run.exit_code == 0, run.output
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["bits"] == 8
+    bad = CliRunner().invoke(app, ["quantize", str(hf_dir), str(tmp_path / "r"), "--keep", "attn,tails"])
+    assert bad.exit_code == 1 and "unknown part(s) tails" in bad.output
+
+
 # ---- bad scale tensors name the tensor
 @pytest.fixture(scope="module")
 def q4_dir(hf_dir, tmp_path_factory):

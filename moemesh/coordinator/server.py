@@ -19,7 +19,8 @@ import grpc
 import torch
 
 from ..kernels import get_backend
-from ..model.checkpoint import Checkpoint, fingerprint
+from ..model.checkpoint import Checkpoint, CheckpointError, fingerprint
+from ..model.layout import attention_shapes
 from ..model.engine import eos_ids
 from ..model.generate import Sampling
 from ..model.model import Transformer
@@ -209,20 +210,17 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
                 w.weight_bytes = update.weight_bytes
 
     async def FetchTensors(self, request: pb.FetchRequest, context):
-        # A module's companions travel with it: FP8 block scales, quantization scales and biases.
-        prefixes = {name.rsplit(".", 1)[0] + "." for name in request.names}
-        names = sorted(n for n in self.ckpt.weight_map if n.rsplit(".", 1)[0] + "." in prefixes)
-        missing = sorted(set(request.names) - set(names))
-        if missing:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"the checkpoint has no tensor '{missing[0]}'")
-        tensors = {n: self.ckpt.read(n) for n in names}
+        try:
+            tensors = shard_tensors(self.ckpt, list(request.names))
+        except CheckpointError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         total = sum(t.nbytes for t in tensors.values())
         for name, t in tensors.items():
-            data = tensor_msg(t).data
-            digest = hashlib.sha256(data).hexdigest()
-            for i in range(0, max(len(data), 1), CHUNK):
-                last = i + CHUNK >= len(data)
-                yield pb.TensorChunk(name=name, dtype=tensor_msg(t[:0]).dtype, shape=list(t.shape), data=data[i : i + CHUNK],
+            msg = tensor_msg(t)
+            digest = hashlib.sha256(msg.data).hexdigest()
+            for i in range(0, max(len(msg.data), 1), CHUNK):
+                last = i + CHUNK >= len(msg.data)
+                yield pb.TensorChunk(name=name, dtype=msg.dtype, shape=list(t.shape), data=msg.data[i : i + CHUNK],
                                      last=last, sha256=digest if last else "", total_bytes=total)
 
     async def Model(self, request: pb.Empty, context) -> pb.ModelInfo:
@@ -318,7 +316,8 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
             x = await loop.run_in_executor(self.scheduler.compute, self.head.embed, tokens)
             for attempt in range(2):
                 try:
-                    hidden = await self.forward([(r, 0, length) for r in ids], x, [])
+                    free, self.scheduler.free = self.scheduler.free, []
+                    hidden = await self.forward([(r, 0, length) for r in ids], x, free)
                     break
                 except NodeLost as e:
                     if attempt:
@@ -362,6 +361,26 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
             plan_json=json.dumps(self.plan.to_dict()) if self.plan else "", state=self.state,
             hop_ms_median=statistics.median(hops) if hops else 0.0,
             hop_ms_p99=hops[min(len(hops) - 1, int(0.99 * len(hops)))] if hops else 0.0)
+
+
+def shard_tensors(ckpt: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
+    """What a worker without the files needs for these (Hugging Face) names, in a form its Checkpoint reads:
+    each tensor as stored with its companions (FP8 block scales, affine scales and biases; experts that
+    mlx-lm stacks come as rows), or rebuilt where the checkpoint splits it (mlx-lm's kv_b_proj)."""
+    out = {}
+    for name in names:
+        stem = name.removesuffix("weight")
+        if not ckpt.has(name):
+            shape = attention_shapes(ckpt.args)["kv_b_proj.weight"] if name.endswith("kv_b_proj.weight") else None
+            if shape is None:
+                raise CheckpointError(f"{ckpt.path}: the checkpoint has no tensor '{name}'")
+            out[name], _ = ckpt.read_linear(name, shape)
+            continue
+        out[name] = ckpt.read_raw(name).contiguous()
+        for companion in ("weight_scale_inv", "scales", "biases"):
+            if name.endswith("weight") and ckpt.has(stem + companion):
+                out[stem + companion] = ckpt.read_raw(stem + companion).contiguous()
+    return out
 
 
 def _stats(counts: pb.RoutingCounts, n_routed: int) -> RoutingStats:

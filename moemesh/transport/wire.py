@@ -22,7 +22,7 @@ MAX_MESSAGE = 1 << 30  # hidden states of long prompts and weight chunks are lar
 GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64,
-           "int32": torch.int32, "uint8": torch.uint8, "float8_e4m3fn": torch.float8_e4m3fn}
+           "int32": torch.int32, "uint32": torch.uint32, "uint8": torch.uint8, "float8_e4m3fn": torch.float8_e4m3fn}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 

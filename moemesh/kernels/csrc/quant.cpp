@@ -1,10 +1,12 @@
 // Decode matmuls that multiply quantized weights as they are stored, for a few bf16 tokens:
 //   FP8 e4m3 with one fp32 scale per 128x128 block (the official DeepSeek-V3 format), and
 //   MLX affine int4 / int8 (uint32 words, first value in the lowest bits; bf16 scale and bias per group).
-// Nothing is dequantized to memory: each 32-byte chunk of a weight row becomes bf16 values in registers
+// Nothing is dequantized to memory: each 64-byte chunk of a weight row becomes bf16 values in registers
 // and goes through VDPBF16PS with the activations. The conversions are exact:
-//   e4m3 -> bf16: normal numbers shift the 7 exponent+mantissa bits into place and add 120 to the exponent;
-//     subnormals (m * 2^-9) come from an 8-entry table (bf16 keeps them normal, so no denormal is flushed).
+//   e4m3 -> bf16: for normal numbers the bf16 is sign | (e + 120) << 7 | m << 4, built with one vpshufb
+//     (fp8_normals_to_bf16); blocks holding a zero or a subnormal (m * 2^-9) take an exact path that adds
+//     120 to the exponent and looks the subnormals up in an 8-entry table (bf16 keeps them normal numbers,
+//     so VDPBF16PS's flushing of bf16 denormals never touches them).
 //   int4/int8: a nibble q or'ed into 0x4300 is the bf16 number 128 + q, exactly. So one VDPBF16PS gives
 //     sum (128 + q) x, and the group's 128 * sum(x) is taken off afterwards with the bias term:
 //     y = sum_g s_g (D_g - 128 X_g) + b_g X_g, D_g the dot product, X_g the group's sum of x.
@@ -251,6 +253,47 @@ inline __m512i fp8_to_bf16(__m512i byte, __m512i sign, __m512i subnormals) {
   return _mm512_ternarylogic_epi32(sign, _mm512_set1_epi16(-0x8000), h, 0xEA);  // (sign & 0x8000) | h
 }
 
+// The same for bytes with a nonzero exponent (no zero, no subnormal): almost all of a real checkpoint. A
+// bf16's high byte is then sign | (e + 120) >> 1, a function of the e4m3 byte's high nibble (one vpshufb),
+// and its low byte (e & 1) << 7 | m << 4, the e4m3 byte's low nibble moved up. `lo` and `hi` take the low
+// and the high byte of each u16 lane.
+inline void fp8_normals_to_bf16(__m512i v, __m512i& lo, __m512i& hi) {
+  const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(60, 61, 62, 63, 64, 65, 66, 67, -68, -67, -66, -65,
+                                                             -64, -63, -62, -61));  // (s << 7) | (60 + e >> 1)
+  const __m512i t = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)));
+  const __m512i u = _mm512_and_si512(_mm512_slli_epi16(v, 4), _mm512_set1_epi8(static_cast<char>(0xF0)));
+  lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(t, 8), u, _mm512_set1_epi16(0x00FF), 0xF8);  // A | (B & C)
+  hi = _mm512_ternarylogic_epi32(t, _mm512_set1_epi16(static_cast<short>(0xFF00)), _mm512_srli_epi16(u, 8), 0xEA);
+}
+
+// One 128-column block of 4 rows: d, e += the low / high bytes' products (two chains: VDPBF16PS's latency).
+template <int M, bool exact>
+inline void fp8_block(const uint8_t* const* wr, int64_t begin, int64_t end, int64_t K, const Acts& xs, int64_t m0,
+                      __m512i subnormals, __m512 (&d)[M][ROWS], __m512 (&e)[M][ROWS]) {
+  for (int64_t i = begin; i < end; i += CHUNK_BYTES) {
+    const __mmask64 mask = tail_mask(K - i);
+    __m512bh x0[M], x1[M];
+    for (int m = 0; m < M; ++m) {
+      x0[m] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, 0) + i / 2);
+      x1[m] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, 1) + i / 2);
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512i v = _mm512_maskz_loadu_epi8(mask, wr[r] + i);
+      __m512i lo, hi;
+      if (exact) {
+        lo = fp8_to_bf16(_mm512_and_si512(v, _mm512_set1_epi16(0xFF)), _mm512_slli_epi16(v, 8), subnormals);
+        hi = fp8_to_bf16(_mm512_srli_epi16(v, 8), v, subnormals);
+      } else {
+        fp8_normals_to_bf16(v, lo, hi);
+      }
+      for (int m = 0; m < M; ++m) {
+        d[m][r] = _mm512_dpbf16_ps(d[m][r], (__m512bh)lo, x0[m]);
+        e[m][r] = _mm512_dpbf16_ps(e[m][r], (__m512bh)hi, x1[m]);
+      }
+    }
+  }
+}
+
 template <int M>
 void rows_fp8(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, float* out) {
   alignas(64) uint16_t table[32] = {};  // bf16 of the subnormals m * 2^-9 at index m (0..7)
@@ -260,7 +303,7 @@ void rows_fp8(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows
     std::memcpy(&u, &v, 4);
     table[m] = static_cast<uint16_t>(u >> 16);
   }
-  const __m512i subnormals = _mm512_load_si512(table);
+  const __m512i subnormals = _mm512_load_si512(table), exponent = _mm512_set1_epi8(0x78);
   const uint8_t* wr[ROWS];
   for (int r = 0; r < ROWS; ++r) wr[r] = w.w + (r0 + (r < rows ? r : 0)) * w.K;
   const float* scales = w.block_scales + (r0 / FP8_BLOCK) * w.block_cols;  // 4 rows never straddle a block
@@ -268,27 +311,20 @@ void rows_fp8(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < w.block_cols; ++kb) {
-    __m512 d[M][ROWS], e[M][ROWS];  // low and high bytes' sums: two chains (VDPBF16PS's latency)
+    __m512 d[M][ROWS], e[M][ROWS];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < ROWS; ++r) d[m][r] = e[m][r] = _mm512_setzero_ps();
-    const int64_t end = std::min<int64_t>(w.K, (kb + 1) * FP8_BLOCK);
-    for (int64_t i = kb * FP8_BLOCK; i < end; i += CHUNK_BYTES) {
+    const int64_t begin = kb * FP8_BLOCK, end = std::min<int64_t>(w.K, begin + FP8_BLOCK);
+    __mmask64 special = 0;  // a zero or subnormal byte in this block of the 4 rows (1 in ~20 blocks of a real
+    for (int64_t i = begin; i < end; i += CHUNK_BYTES) {  // checkpoint) takes the exact conversion
       const __mmask64 mask = tail_mask(w.K - i);
-      __m512bh x0[M], x1[M];
-      for (int m = 0; m < M; ++m) {
-        x0[m] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, 0) + i / 2);
-        x1[m] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, 1) + i / 2);
-      }
-      for (int r = 0; r < ROWS; ++r) {
-        const __m512i v = _mm512_maskz_loadu_epi8(mask, wr[r] + i);
-        const __m512bh lo = (__m512bh)fp8_to_bf16(_mm512_and_si512(v, _mm512_set1_epi16(0xFF)), _mm512_slli_epi16(v, 8), subnormals);
-        const __m512bh hi = (__m512bh)fp8_to_bf16(_mm512_srli_epi16(v, 8), v, subnormals);
-        for (int m = 0; m < M; ++m) {
-          d[m][r] = _mm512_dpbf16_ps(d[m][r], lo, x0[m]);
-          e[m][r] = _mm512_dpbf16_ps(e[m][r], hi, x1[m]);
-        }
-      }
+      for (int r = 0; r < ROWS; ++r)
+        special |= _mm512_mask_testn_epi8_mask(mask, _mm512_maskz_loadu_epi8(mask, wr[r] + i), exponent);
     }
+    if (special)
+      fp8_block<M, true>(wr, begin, end, w.K, xs, m0, subnormals, d, e);
+    else
+      fp8_block<M, false>(wr, begin, end, w.K, xs, m0, subnormals, d, e);
     const __m512 s = _mm512_set1_ps(scales[kb]);
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_fmadd_ps(_mm512_add_ps(d[m][r], e[m][r]), s, acc[m][r]);
