@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 __version__ = "0.1.0"
-
-# Idle OpenMP threads spin ~300k iterations before sleeping (libgomp's default). Several moemesh processes
-# on one machine (a demo, a test, a worker beside its coordinator) then steal each other's cores for
-# every step; a short spin keeps single-process speed and ends that. Set before torch loads libgomp.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
 
 def load(path, backend: str = "torch", dtype: str = "bfloat16", device: str = "cpu", **kwargs):
     """Load a checkpoint directory for inference on this machine; see `moemesh.model.engine.Engine`."""
     from .model.engine import Engine  # torch is imported only when a model is loaded
 
     return Engine.load(path, backend=backend, dtype=dtype, device=device, **kwargs)
-
 
 def connect(target: str, timeout: float = 30.0):
     """A model served by a moemesh cluster: `target` is the coordinator's HOST:PORT."""

@@ -28,7 +28,9 @@ class LocalCluster:
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: list = []
-        self.env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        # Idle OpenMP threads spin ~300k iterations before sleeping (libgomp's default): fine for one process
+        # per machine, but processes sharing cores then steal them from each other on every step.
+        self.env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "GOMP_SPINCOUNT": "10000"}
         mdns_args = ["--mdns-interface", host] if mdns else ["--no-mdns"]
         self.start("coordinator", [*prefix, sys.executable, "-m", "moemesh.cli", "coordinator", "start", "--model",
                                    str(model), "--host", host, "--port", str(self.port), "--expect", str(workers),

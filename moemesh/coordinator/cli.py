@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from ..units import fmt_bytes, seconds
+from ..units import fmt_bytes, ranges, seconds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The machine that plans and serves.")
 console = Console(stderr=True)
@@ -112,17 +112,11 @@ def print_status(s) -> None:
     for n in s.nodes:
         used = n.weight_bytes + n.kv_bytes
         table.add_row(n.info.name, n.state, f"{n.info.backend}/{n.info.device}",
-                      f"{fmt_bytes(used)} / {fmt_bytes(max(n.info.memory_free - used, 0))}", _ranges(list(n.layers)),
+                      f"{fmt_bytes(used)} / {fmt_bytes(max(n.info.memory_free - used, 0))}", ranges(list(n.layers)) or "-",
                       str(n.experts), f"{n.rtt_s * 1e3:.2f} ms",
                       f"{n.memory_bandwidth / 1e9:.0f} / {n.decode_bandwidth / 1e9:.0f} GB/s",
                       f"{n.matmul_flops / 1e9:.0f} GF/s", f"{n.busy_ms:.1f} ms")
     out.print(table)
-
-
-def _ranges(values: list[int]) -> str:
-    from ..worker.server import _ranges as ranges
-
-    return ranges(values) or "-"
 
 
 if __name__ == "__main__":

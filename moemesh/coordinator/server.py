@@ -35,7 +35,8 @@ from ..transport.wire import (GRPC_OPTIONS, PROTOCOL_VERSION, ProtocolError, add
                               peer_host, tensor_from, tensor_msg, version_problem)
 from .nodes import NodeHandle
 from .planning import make_plan, shard_specs
-from ..worker.server import _stop_on_signals
+from ..kernels.profile import decode_bandwidth
+from ..process import stop_on_signals
 from .scheduler import NodeLost, Request, Scheduler, StepFailed
 
 CHUNK = 4 << 20  # weight stream piece
@@ -88,6 +89,8 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
         self.step_ids = itertools.count(1)
         self.hop_ms: deque[float] = deque(maxlen=2000)
         self.joined = asyncio.Event()
+        self.profiling = asyncio.Lock()
+        self.head_bandwidth = 0.0
         self.past_routing = RoutingStats(self.args.n_routed_experts)
         self.port = 0
         self.scheduler = Scheduler(self.head, self.tokenizer, eos_ids(Path(opts.model), self.args), self.forward,
@@ -120,7 +123,9 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
     async def _admit(self, handle: NodeHandle) -> None:
         try:
             a = self.args
-            await handle.admit(self.info(), self.opts.dtype, (a.hidden_size, a.moe_intermediate_size or a.intermediate_size))
+            async with self.profiling:  # one at a time: workers sharing a machine would measure each other
+                await handle.admit(self.info(), self.opts.dtype,
+                                   (a.hidden_size, a.moe_intermediate_size or a.intermediate_size))
         except (ProtocolError, grpc.aio.AioRpcError) as e:
             handle.state = "lost"
             self.ui.log(f"[red]could not admit[/] {handle.name}: {e}")
@@ -173,8 +178,14 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
         if not workers:
             raise RuntimeError("no workers left")
         stats = await self.routing_stats()  # what the current shards saw: hot experts get replicas
+        if not self.head_bandwidth:  # the head's own lm_head read speed, measured once
+            a = self.args
+            self.head_bandwidth = await asyncio.get_running_loop().run_in_executor(
+                self.scheduler.compute, decode_bandwidth, a.hidden_size, a.moe_intermediate_size or a.intermediate_size,
+                self.opts.dtype)
         plan = make_plan(self.args, workers, self.opts.dtype, self.opts.split, self.opts.context,
-                         mtp=bool(self.head.mtp), stats=stats if stats.layers else None, plan_file=self.opts.plan_file)
+                         mtp=bool(self.head.mtp), stats=stats if stats.layers else None, plan_file=self.opts.plan_file,
+                         head_bandwidth=self.head_bandwidth)
         if keep_if_same and self.plan is not None and _layout(plan) == _layout(self.plan):
             return
         self.state = "loading"
@@ -419,7 +430,7 @@ async def run_coordinator(opts: CoordinatorOptions, ui: UI | None = None,
            f"{a.n_routed_experts} experts) on port {coordinator.port}, cluster '{opts.cluster}'")
     discovery = Discovery(opts.interfaces) if opts.mdns else None
     tasks: list[asyncio.Future] = []
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     try:
         if discovery is not None:
             await discovery.advertise(f"coordinator-{opts.name}-{coordinator.node_id}", coordinator.port, {

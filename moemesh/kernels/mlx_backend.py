@@ -167,6 +167,9 @@ class MlxBackend:
             y = x @ w.T
         return y if bias is None else y + bias
 
+    def fuse_gate_up(self, gate, up):
+        return gate, up
+
     def mlp(self, w: MlpWeights, x: mx.array) -> mx.array:
         g = self.linear(x, w.gate)
         return self.linear((g * mx.sigmoid(g.astype(mx.float32)).astype(g.dtype)) * self.linear(x, w.up), w.down)
@@ -226,6 +229,10 @@ class MlxBackend:
 
     def expert_counts(self, ids: mx.array) -> mx.array:
         return mx.array(np.bincount(np.array(ids).ravel(), minlength=self.args.n_routed_experts))
+
+    def moe(self, w: MoeWeights, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
+        out = self.experts(w, x, ids, weights)
+        return out if w.shared is None else out + self.mlp(w.shared, x)
 
     def experts(self, w: MoeWeights, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
         n, k = ids.shape

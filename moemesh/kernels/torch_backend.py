@@ -179,6 +179,25 @@ class TorchBackend:
             y = F.linear(x, w)
         return y if bias is None else y + bias
 
+    def fuse_gate_up(self, gate: Weight, up: Weight) -> tuple[Weight, Weight]:
+        """Dense gate and up weights as the two halves of one [2 * inter, hidden] tensor (same bytes), so that a
+        matmul over many tokens does both at once — what transformers does for routed experts."""
+        if not (isinstance(gate, torch.Tensor) and isinstance(up, torch.Tensor) and gate.shape == up.shape
+                and gate.dtype == up.dtype):
+            return gate, up
+        both = torch.cat([gate, up])
+        return both[: gate.shape[0]], both[gate.shape[0] :]
+
+    @staticmethod
+    def _gate_up(w: MlpWeights) -> torch.Tensor | None:
+        """The fused [2 * inter, hidden] view when gate and up were fused by `fuse_gate_up`."""
+        gate, up = w.gate, w.up
+        if not (isinstance(gate, torch.Tensor) and isinstance(up, torch.Tensor) and gate.is_contiguous()
+                and gate.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()
+                and up.storage_offset() == gate.storage_offset() + gate.numel()):
+            return None
+        return gate.new_empty(0).set_(gate.untyped_storage(), gate.storage_offset(), (2 * gate.shape[0], gate.shape[1]))
+
     def mlp(self, w: MlpWeights, x: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None and x.shape[0] <= DECODE_TOKENS and all(
                 isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in (w.gate, w.up, w.down)):
@@ -187,6 +206,10 @@ class TorchBackend:
             args = [kernel_args(t) for t in (w.gate, w.up, w.down)]
             if None not in args:
                 return self.kernels.mlp_q(x, *args)
+        gate_up = self._gate_up(w)
+        if gate_up is not None:
+            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+            return self.linear(F.silu(gate) * up, w.down)
         return self.linear(F.silu(self.linear(x, w.gate)) * self.linear(x, w.up), w.down)
 
     def attention(self, w: AttentionWeights, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
@@ -268,15 +291,25 @@ class TorchBackend:
         """Tokens routed to each expert [n_routed] (placement statistics)."""
         return torch.bincount(ids.flatten(), minlength=self.args.n_routed_experts)
 
+    def moe(self, w: MoeWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """A MoE layer's output [n, hidden]: the routed experts' weighted sum, then plus the shared experts."""
+        if self.kernels is not None and x.dtype == torch.bfloat16 and x.shape[0] <= DECODE_TOKENS:
+            chosen = sorted(set(ids.flatten().tolist()))
+            mlps = [w.experts[e] for e in chosen] + ([w.shared] if w.shared is not None else [])
+            if all(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for m in mlps for t in (m.gate, m.up, m.down)):
+                shared = [w.shared.gate, w.shared.up, w.shared.down] if w.shared is not None else []
+                routed = mlps[: len(chosen)]
+                return self.kernels.experts_bf16(x, ids, weights, chosen, [m.gate for m in routed],
+                                                 [m.up for m in routed], [m.down for m in routed], shared)
+        out = self.experts(w, x, ids, weights)
+        return out if w.shared is None else out + self.mlp(w.shared, x)
+
     def experts(self, w: MoeWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of the routed experts' outputs [n, hidden]. Tokens are grouped by expert, so each
         expert runs one matmul per step; each token's terms add up in ascending expert order."""
         if self.kernels is not None and x.dtype == torch.bfloat16 and x.shape[0] <= DECODE_TOKENS:
             chosen = sorted(set(ids.flatten().tolist()))
             mlps = [w.experts[e] for e in chosen]
-            if all(isinstance(m.gate, torch.Tensor) and m.gate.dtype == torch.bfloat16 for m in mlps):
-                return self.kernels.experts_bf16(x, ids, weights, chosen, [m.gate for m in mlps], [m.up for m in mlps],
-                                                 [m.down for m in mlps])
             args = [[kernel_args(getattr(m, part)) for m in mlps] for part in ("gate", "up", "down")]
             if not any(None in part for part in args):  # quantized experts
                 return self.kernels.experts_q(x, ids, weights, chosen, *args)
@@ -305,10 +338,12 @@ class TorchBackend:
         return rows
 
     def combine_pairs(self, ids: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-        """Sum pairs [n, k, hidden] per token in ascending expert order, rounding each addition as `experts` does."""
-        order = ids.argsort(dim=1, stable=True)
-        pairs = pairs.gather(1, order[..., None].expand(-1, -1, pairs.shape[2]))
+        """Sum pairs [n, k, hidden] per token in ascending expert order, rounding each addition to the
+        activation dtype — the reference adds one expert at a time, so must we."""
+        n, k, hidden = pairs.shape
+        rows = (torch.arange(n, device=ids.device)[:, None] * k + ids.argsort(dim=1, stable=True)).flatten()
+        pairs = pairs.view(n * k, hidden).index_select(0, rows).view(n, k, hidden)
         out = pairs[:, 0]
-        for j in range(1, pairs.shape[1]):
+        for j in range(1, k):
             out = out + pairs[:, j]
         return out

@@ -87,8 +87,12 @@ def load_experts(ckpt: Checkpoint, backend: Backend, layer: int, experts: Iterab
     a = ckpt.args
     if not a.is_moe_layer(layer):
         raise ValueError(f"layer {layer} is not a MoE layer")
-    return {e: _mlp(ckpt, backend, layer_prefix(layer) + f"mlp.experts.{e}.", a.hidden_size, a.moe_intermediate_size)
-            for e in _check_experts(a, layer, experts)}
+    held = {}
+    for e in _check_experts(a, layer, experts):
+        mlp = _mlp(ckpt, backend, layer_prefix(layer) + f"mlp.experts.{e}.", a.hidden_size, a.moe_intermediate_size)
+        mlp.gate, mlp.up = backend.fuse_gate_up(mlp.gate, mlp.up)  # one matmul for both, as the reference does
+        held[e] = mlp
+    return held
 
 
 def load_block(ckpt: Checkpoint, backend: Backend, layer: int, experts: Iterable[int] | None = None) -> Block:
@@ -236,14 +240,11 @@ class Transformer:
         if isinstance(blk.ffn, MlpWeights):
             return h + b.mlp(blk.ffn, y)
         ids, weights = b.route(blk.ffn, y)
-        if blk.layer in self.dispatch_layers:
-            out = self.dispatch(blk.layer, y, ids, weights)
-        else:
-            out = b.experts(blk.ffn, y, ids, weights)
         self.expert_counts[blk.layer] = self.expert_counts.get(blk.layer, 0) + b.expert_counts(ids)
-        if blk.ffn.shared is not None:
-            out = out + b.mlp(blk.ffn.shared, y)
-        return h + out
+        if blk.layer not in self.dispatch_layers:
+            return h + b.moe(blk.ffn, y, ids, weights)
+        out = self.dispatch(blk.layer, y, ids, weights)  # routed experts on several nodes
+        return h + (out if blk.ffn.shared is None else out + b.mlp(blk.ffn.shared, y))
 
     def routing_stats(self) -> RoutingStats:
         """Tokens routed to each expert of each held MoE layer since load (MTP layer included)."""

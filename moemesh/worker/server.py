@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import signal
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,9 @@ from ..transport.discovery import Discovery
 from ..transport.pipeline import StepStream
 from ..transport.wire import (GRPC_OPTIONS, PROTOCOL_VERSION, ProtocolError, address, new_node_id, node_info,
                               tensor_from, tensor_msg, version_problem)
-from .profile import decode_bandwidth, matmul_flops, memory_bandwidth
+from ..process import stop_on_signals
+from ..units import ranges
+from ..kernels.profile import decode_bandwidth, matmul_flops, memory_bandwidth
 from .shard import Shard
 
 
@@ -194,8 +195,8 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
             yield pb.LoadProgress(stage="error", error=f"{self.opts.name}: {e}")
             return
         await self._connect(spec, model)
-        self.log(f"loaded layers {_ranges(list(spec.layers)) or '-'}"
-                 f"{', experts of ' + _ranges([e.layer for e in spec.experts]) if spec.experts else ''}: "
+        self.log(f"loaded layers {ranges(list(spec.layers)) or '-'}"
+                 f"{', experts of ' + ranges([e.layer for e in spec.experts]) if spec.experts else ''}: "
                  f"{model.weight_bytes / 1e9:.2f} GB of weights")
         yield pb.LoadProgress(stage="ready", done=1, total=1, weight_bytes=model.weight_bytes)
 
@@ -295,17 +296,6 @@ def _shard_tensor_names(args, layers: list[int], experts: dict[int, list[int]]) 
     return names
 
 
-def _ranges(values: list[int]) -> str:
-    """[0,1,2,5,6] -> '0-2, 5-6'."""
-    out, values = [], sorted(set(values))
-    for v in values:
-        if out and v == out[-1][1] + 1:
-            out[-1][1] = v
-        else:
-            out.append([v, v])
-    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)
-
-
 async def run_worker(opts: WorkerOptions, log=print, progress=None) -> int:
     """Serve until Ctrl-C or SIGTERM. Returns the exit status: 1 if the coordinator refused us."""
     worker = WorkerServer(opts, log, progress)
@@ -328,7 +318,7 @@ async def run_worker(opts: WorkerOptions, log=print, progress=None) -> int:
                 discovery.watch(lambda a: a.role == "coordinator" and a.properties.get("cluster") == opts.cluster,
                                 lambda a: found.put_nowait(address(a.addresses[0], a.port)))
         joining = asyncio.ensure_future(_join_loop(worker, opts, found, log))
-        stop = _stop_on_signals()
+        stop = stop_on_signals()
         await asyncio.wait({joining, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
         if joining.done():
             return joining.result()
@@ -378,15 +368,6 @@ async def _join_loop(worker: WorkerServer, opts: WorkerOptions, found: asyncio.Q
         if opts.coordinator is None:
             while not found.empty():
                 found.get_nowait()
-
-
-def _stop_on_signals() -> asyncio.Event:
-    """An event set by Ctrl-C or SIGTERM, so that shutdown is orderly rather than a cancellation."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 def serve(opts: WorkerOptions, log=print, progress=None) -> int:

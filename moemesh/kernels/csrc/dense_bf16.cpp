@@ -68,45 +68,100 @@ torch::Tensor mlp_bf16(torch::Tensor x, torch::Tensor gate, torch::Tensor up, to
   return y;
 }
 
-// Routed experts for a few tokens: out[t] = sum over t's experts, in ascending expert order, of
-// bf16(mlp_e(x[t]) * weight), each addition rounded to bf16 (the reference's order and rounding).
-// experts[i] = (gate, up, down) of expert ids_sorted[i]; ids [n, k] int64, weights [n, k] fp32.
+namespace {
+
+// One expert's share of a decode step: the tokens routed to it and their routing weights.
+struct ExpertJob {
+  const torch::Tensor *gate, *up, *down;
+  std::vector<std::pair<int64_t, float>> rows;  // (token, weight)
+  std::vector<at::BFloat16> x, g, u, y;         // gathered inputs, gate/up outputs, expert outputs
+};
+
+}  // namespace
+
+// The MoE layer for a few tokens: routed experts and (if given) the shared expert. out[t] is the sum over t's
+// routed experts, in ascending expert order, of bf16(mlp_e(x[t]) * weight), then plus the shared expert,
+// every addition rounded to bf16 — the reference's order and rounding. Every expert's gate and up rows are
+// read in one parallel pass, every down row in a second. expert_ids are sorted; gates[i] etc. belong to
+// expert_ids[i]; shared is empty or (gate, up, down).
 torch::Tensor experts_bf16(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, std::vector<int64_t> expert_ids,
                            std::vector<torch::Tensor> gates, std::vector<torch::Tensor> ups,
-                           std::vector<torch::Tensor> downs) {
+                           std::vector<torch::Tensor> downs, std::vector<torch::Tensor> shared) {
   x = x.contiguous();
   ids = ids.contiguous();
   weights = weights.contiguous();
   check_bf16(x, "experts_bf16 x");
   TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat && ids.sizes() == weights.sizes(),
               "experts_bf16: ids int64 and weights fp32 of one shape");
+  TORCH_CHECK(shared.empty() || shared.size() == 3, "experts_bf16: shared is (gate, up, down) or nothing");
   const int64_t n = x.size(0), D = x.size(1), k = ids.size(1);
-  auto out = torch::zeros_like(x);
-  auto op = out.data_ptr<at::BFloat16>();
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   const int64_t* ip = ids.data_ptr<int64_t>();
   const float* wp = weights.data_ptr<float>();
-  std::vector<at::BFloat16> xs, ys;
-  std::vector<std::pair<int64_t, float>> rows;  // (token, routing weight) for the current expert
+
+  std::vector<ExpertJob> jobs;
   for (size_t e = 0; e < expert_ids.size(); ++e) {
-    rows.clear();
+    ExpertJob job{&gates[e], &ups[e], &downs[e], {}, {}, {}, {}, {}};
     for (int64_t t = 0; t < n; ++t)
       for (int64_t j = 0; j < k; ++j)
-        if (ip[t * k + j] == expert_ids[e]) rows.emplace_back(t, wp[t * k + j]);
-    if (rows.empty()) continue;
-    check_mlp(gates[e], ups[e], downs[e], D);
-    const int64_t m = static_cast<int64_t>(rows.size());
-    xs.resize(m * D);
-    ys.resize(m * D);
+        if (ip[t * k + j] == expert_ids[e]) job.rows.emplace_back(t, wp[t * k + j]);
+    if (!job.rows.empty()) jobs.push_back(std::move(job));
+  }
+  if (!shared.empty()) {
+    ExpertJob job{&shared[0], &shared[1], &shared[2], {}, {}, {}, {}, {}};
+    for (int64_t t = 0; t < n; ++t) job.rows.emplace_back(t, 1.0f);
+    jobs.push_back(std::move(job));
+  }
+  struct Item { size_t job; int part; int64_t row; };  // part 0: gate, 1: up, 2: down
+  std::vector<Item> up_items, down_items;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    ExpertJob& job = jobs[j];
+    check_mlp(*job.gate, *job.up, *job.down, D);
+    const int64_t m = static_cast<int64_t>(job.rows.size()), I = job.gate->size(0);
+    job.x.resize(m * D);
+    job.g.resize(m * I);
+    job.u.resize(m * I);
+    job.y.resize(m * D);
     for (int64_t r = 0; r < m; ++r)
-      std::memcpy(xs.data() + r * D, x.data_ptr<at::BFloat16>() + rows[r].first * D, D * sizeof(at::BFloat16));
-    mlp_into(xs.data(), m, D, gates[e], ups[e], downs[e], ys.data());
-    for (int64_t r = 0; r < m; ++r) {
-      at::BFloat16* dst = op + rows[r].first * D;
+      std::memcpy(job.x.data() + r * D, xp + job.rows[r].first * D, D * sizeof(at::BFloat16));
+    for (int64_t row = 0; row < I; row += ROW_GRAIN) {
+      up_items.push_back({j, 0, row});
+      up_items.push_back({j, 1, row});
+    }
+    for (int64_t row = 0; row < D; row += ROW_GRAIN) down_items.push_back({j, 2, row});
+  }
+  at::parallel_for(0, static_cast<int64_t>(up_items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      ExpertJob& job = jobs[up_items[i].job];
+      const int64_t m = static_cast<int64_t>(job.rows.size()), I = job.gate->size(0), r = up_items[i].row;
+      const bool is_up = up_items[i].part == 1;
+      linear_rows(job.x.data(), (is_up ? job.up : job.gate)->data_ptr<at::BFloat16>(), m, I, D,
+                  (is_up ? job.u : job.g).data(), r, std::min(I, r + ROW_GRAIN));
+    }
+  });
+  for (ExpertJob& job : jobs)
+    for (size_t i = 0; i < job.g.size(); ++i) {
+      const float v = static_cast<float>(job.g[i]);
+      const at::BFloat16 act(v / (1.0f + std::exp(-v)));
+      job.g[i] = at::BFloat16(static_cast<float>(act) * static_cast<float>(job.u[i]));
+    }
+  at::parallel_for(0, static_cast<int64_t>(down_items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      ExpertJob& job = jobs[down_items[i].job];
+      const int64_t m = static_cast<int64_t>(job.rows.size()), I = job.gate->size(0), r = down_items[i].row;
+      linear_rows(job.g.data(), job.down->data_ptr<at::BFloat16>(), m, D, I, job.y.data(), r, std::min(D, r + ROW_GRAIN));
+    }
+  });
+  auto out = torch::zeros_like(x);
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  for (const ExpertJob& job : jobs)  // ascending expert, the shared expert last
+    for (size_t r = 0; r < job.rows.size(); ++r) {
+      at::BFloat16* dst = op + job.rows[r].first * D;
+      const float weight = job.rows[r].second;
       for (int64_t i = 0; i < D; ++i)
         dst[i] = at::BFloat16(static_cast<float>(dst[i]) +
-                              static_cast<float>(at::BFloat16(static_cast<float>(ys[r * D + i]) * rows[r].second)));
+                              static_cast<float>(at::BFloat16(static_cast<float>(job.y[r * D + i]) * weight)));
     }
-  }
   return out;
 }
 

@@ -24,20 +24,78 @@ inline void rope_bf16(const at::BFloat16* x, const float* cos, const float* sin,
   }
 }
 
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float total = 0;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  total = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
+// scores[h, s] = scale * (q[h] . kv[s]) for all heads and the first S cache rows: the bf16 few-token matmul
+// with the heads as its "tokens" (4 at a time) and cache rows as its weight rows. q holds bf16 values and the
+// products are exact in fp32, so this equals float32 math up to summation order.
+template <int M>
+inline void scores_rows(const uint16_t* q, const uint16_t* kv, int64_t W, int64_t s0, int64_t s1, int64_t S,
+                        float scale, float* scores) {
+  float out[M * ROWS];
+  for (int64_t s = s0; s < s1; s += ROWS) {
+    const int rows = static_cast<int>(std::min<int64_t>(ROWS, s1 - s));
+    rows_bf16<M>(q, kv + s * W, W, rows, out);
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < rows; ++r) scores[m * S + s + r] = out[m * ROWS + r] * scale;
+  }
 }
 
-inline void bf16_row_to_float(const at::BFloat16* row, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = fl(row[i]);
+inline void attention_scores(const at::BFloat16* q, const at::BFloat16* kv, int64_t H, int64_t S, int64_t W,
+                             float scale, float* scores) {
+  auto qp = reinterpret_cast<const uint16_t*>(q);
+  auto kp = reinterpret_cast<const uint16_t*>(kv);
+  at::parallel_for(0, S, 32, [&](int64_t s0, int64_t s1) {
+    for (int64_t h = 0; h < H; h += 4) {
+      switch (std::min<int64_t>(4, H - h)) {
+        case 4: scores_rows<4>(qp + h * W, kp, W, s0, s1, S, scale, scores + h * S); break;
+        case 3: scores_rows<3>(qp + h * W, kp, W, s0, s1, S, scale, scores + h * S); break;
+        case 2: scores_rows<2>(qp + h * W, kp, W, s0, s1, S, scale, scores + h * S); break;
+        default: scores_rows<1>(qp + h * W, kp, W, s0, s1, S, scale, scores + h * S);
+      }
+    }
+  });
+}
+
+// o[h, c] = sum_s p[h, s] * kv[s, c] for c < C (the latent part of each row), in fp32: tiles of 4 heads x 64
+// columns kept in registers while the rows stream by.
+inline void attention_values(const float* p, const at::BFloat16* kv, int64_t H, int64_t S, int64_t W, int64_t C,
+                             float* o) {
+  constexpr int64_t HB = 4, CB = 64;
+  const int64_t h_tiles = (H + HB - 1) / HB, c_tiles = (C + CB - 1) / CB;
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(kv);
+  at::parallel_for(0, h_tiles * c_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t h0 = (tile / c_tiles) * HB, c0 = (tile % c_tiles) * CB;
+      const int64_t hb = std::min(HB, H - h0), cb = std::min(CB, C - c0);
+#if defined(__AVX512F__)
+      __m512 acc[HB][4];
+      __mmask16 mask[4];
+      for (int j = 0; j < 4; ++j) {
+        const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, cb - 16 * j));
+        mask[j] = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+        for (int m = 0; m < HB; ++m) acc[m][j] = _mm512_setzero_ps();
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        __m512 row[4];
+        for (int j = 0; j < 4; ++j)
+          row[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+              _mm256_maskz_loadu_epi16(mask[j], bits + s * W + c0 + 16 * j)), 16));
+        for (int m = 0; m < hb; ++m) {
+          const __m512 pm = _mm512_set1_ps(p[(h0 + m) * S + s]);
+          for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(pm, row[j], acc[m][j]);
+        }
+      }
+      for (int m = 0; m < hb; ++m)
+        for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(o + (h0 + m) * C + c0 + 16 * j, mask[j], acc[m][j]);
+#else
+      for (int64_t m = 0; m < hb; ++m)
+        for (int64_t c = 0; c < cb; ++c) {
+          float total = 0;
+          for (int64_t s = 0; s < S; ++s) total += p[(h0 + m) * S + s] * bf16_to_float(bits[s * W + c0 + c]);
+          o[(h0 + m) * C + c0 + c] = total;
+        }
+#endif
+    }
+  });
 }
 
 }  // namespace
@@ -81,43 +139,28 @@ torch::Tensor mla_decode_bf16(torch::Tensor q_nope,  // [n, H, nope]
   linear_per_head(qn.data_ptr<at::BFloat16>(), w_uk.data_ptr<at::BFloat16>(), H, n, C, dn, q_lat.data_ptr<at::BFloat16>());
 
   auto o_lat = torch::empty({H, n, C}, q_nope.options());  // attended latents, rounded to bf16
-  std::vector<float> q32(H * W);
-  std::vector<at::BFloat16> q_rot(dr);
+  std::vector<at::BFloat16> q(H * W);  // one token's queries: [latent query | roped query] per head
+  std::vector<float> attended(H * C);
   for (int64_t t = 0; t < n; ++t) {
     const int64_t S = start + t + 1;  // causal: this token sees positions 0..start+t
     for (int64_t h = 0; h < H; ++h) {
-      const at::BFloat16* ql = q_lat.data_ptr<at::BFloat16>() + (h * n + t) * C;
-      for (int64_t c = 0; c < C; ++c) q32[h * W + c] = fl(ql[c]) * static_cast<float>(scale);
+      std::memcpy(q.data() + h * W, q_lat.data_ptr<at::BFloat16>() + (h * n + t) * C, C * sizeof(at::BFloat16));
       rope_bf16(q_pe.data_ptr<at::BFloat16>() + (t * H + h) * dr, cos.data_ptr<float>() + t * (dr / 2),
-                sin.data_ptr<float>() + t * (dr / 2), dr, interleave, q_rot.data());
-      for (int64_t r = 0; r < dr; ++r) q32[h * W + C + r] = fl(q_rot[r]) * static_cast<float>(scale);
+                sin.data_ptr<float>() + t * (dr / 2), dr, interleave, q.data() + h * W + C);
     }
     std::vector<float> scores(H * S);
-    at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {  // each cache row read once, for all heads
-      std::vector<float> row(W);
-      for (int64_t s = begin; s < end; ++s) {
-        bf16_row_to_float(kv + s * W, W, row.data());
-        for (int64_t h = 0; h < H; ++h) scores[h * S + s] = dot_f32(q32.data() + h * W, row.data(), W);
-      }
-    });
-    at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(C), row(C);
-      for (int64_t h = begin; h < end; ++h) {
-        float* sc = scores.data() + h * S;
-        float top = sc[0];
-        for (int64_t s = 1; s < S; ++s) top = std::max(top, sc[s]);
-        float total = 0;
-        for (int64_t s = 0; s < S; ++s) total += (sc[s] = std::exp(sc[s] - top));
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t s = 0; s < S; ++s) {
-          const float p = sc[s] / total;
-          bf16_row_to_float(kv + s * W, C, row.data());
-          for (int64_t c = 0; c < C; ++c) acc[c] += p * row[c];
-        }
-        at::BFloat16* out = o_lat.data_ptr<at::BFloat16>() + (h * n + t) * C;
-        for (int64_t c = 0; c < C; ++c) out[c] = bf(acc[c]);
-      }
-    });
+    attention_scores(q.data(), kv, H, S, W, static_cast<float>(scale), scores.data());
+    for (int64_t h = 0; h < H; ++h) {  // softmax in fp32
+      float* sc = scores.data() + h * S;
+      const float top = *std::max_element(sc, sc + S);
+      float total = 0;
+      for (int64_t s = 0; s < S; ++s) total += (sc[s] = std::exp(sc[s] - top));
+      for (int64_t s = 0; s < S; ++s) sc[s] /= total;
+    }
+    attention_values(scores.data(), kv, H, S, W, C, attended.data());
+    at::BFloat16* out = o_lat.data_ptr<at::BFloat16>();
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t c = 0; c < C; ++c) out[(h * n + t) * C + c] = bf(attended[h * C + c]);
   }
 
   // Values: values[t, h, :] = W_UV[h] @ o_lat[h, t, :].

@@ -1,4 +1,4 @@
-"""What a node measures about itself on joining: memory read bandwidth and matmul speed."""
+"""What a node measures about itself: memory read bandwidth, matmul speed, and the read speed of its decode path."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def decode_bandwidth(hidden: int, intermediate: int, dtype: str = "bfloat16", de
                      budget: int = 256 << 20, repeats: int = 3) -> float:
     """Bytes/s of weights read by this backend's decode path: SwiGLU MLPs of the model's expert shape on one
     token, over more weights than the caches hold. What a decode step achieves, overheads included."""
-    from ..kernels import get_backend
-    from ..kernels.base import MlpWeights
+    from . import get_backend
+    from .base import MlpWeights
     from ..model.config import args_from_dict
 
     args = args_from_dict({"model_type": "deepseek_v3", "vocab_size": 1, "hidden_size": hidden,
