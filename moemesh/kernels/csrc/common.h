@@ -135,6 +135,15 @@ inline void linear_per_head(const at::BFloat16* x, const at::BFloat16* w, int64_
   });
 }
 
+// g[i] = bf16(bf16(silu(g[i])) * u[i]): SwiGLU with the reference's rounding points (silu output, product).
+inline void swiglu_bf16(at::BFloat16* g, const at::BFloat16* u, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = static_cast<float>(g[i]);
+    const at::BFloat16 act(v / (1.0f + std::exp(-v)));
+    g[i] = at::BFloat16(static_cast<float>(act) * static_cast<float>(u[i]));
+  }
+}
+
 inline void check_bf16(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device().is_cpu(),
               what, ": expected a contiguous bf16 CPU tensor");

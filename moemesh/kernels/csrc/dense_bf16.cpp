@@ -42,11 +42,7 @@ void mlp_into(const at::BFloat16* x, int64_t M, int64_t D, const torch::Tensor& 
                   std::min(I, r + ROW_GRAIN));
     }
   });
-  for (int64_t i = 0; i < M * I; ++i) {
-    const float v = static_cast<float>(g[i]);
-    const at::BFloat16 act(v / (1.0f + std::exp(-v)));
-    g[i] = at::BFloat16(static_cast<float>(act) * static_cast<float>(u[i]));
-  }
+  swiglu_bf16(g.data(), u.data(), M * I);
   linear_into(g.data(), down.data_ptr<at::BFloat16>(), M, D, I, y);
 }
 
@@ -139,12 +135,7 @@ torch::Tensor experts_bf16(torch::Tensor x, torch::Tensor ids, torch::Tensor wei
                   (is_up ? job.u : job.g).data(), r, std::min(I, r + ROW_GRAIN));
     }
   });
-  for (ExpertJob& job : jobs)
-    for (size_t i = 0; i < job.g.size(); ++i) {
-      const float v = static_cast<float>(job.g[i]);
-      const at::BFloat16 act(v / (1.0f + std::exp(-v)));
-      job.g[i] = at::BFloat16(static_cast<float>(act) * static_cast<float>(job.u[i]));
-    }
+  for (ExpertJob& job : jobs) swiglu_bf16(job.g.data(), job.u.data(), static_cast<int64_t>(job.g.size()));
   at::parallel_for(0, static_cast<int64_t>(down_items.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       ExpertJob& job = jobs[down_items[i].job];

@@ -401,11 +401,7 @@ void mlp_q_into(const at::BFloat16* x, int64_t M, const QLinear& gate, const QLi
       linear_rows_q(is_up ? up : gate, is_up ? xu : xg, x, (is_up ? u : g).data(), r, std::min(I, r + ROW_GRAIN));
     }
   });
-  for (int64_t i = 0; i < M * I; ++i) {
-    const float v = bf(g[i]);
-    const at::BFloat16 act(v / (1.0f + std::exp(-v)));
-    g[i] = at::BFloat16(bf(act) * bf(u[i]));
-  }
+  swiglu_bf16(g.data(), u.data(), M * I);
   linear_q_into(down, g.data(), M, y);
 }
 
@@ -481,11 +477,7 @@ torch::Tensor experts_q(torch::Tensor x, torch::Tensor ids, torch::Tensor weight
   items.clear();
   for (size_t e = 0; e < work.size(); ++e) {
     ExpertWork& w = work[e];
-    for (size_t i = 0; i < w.g.size(); ++i) {
-      const float v = bf(w.g[i]);
-      const at::BFloat16 act(v / (1.0f + std::exp(-v)));
-      w.g[i] = at::BFloat16(bf(act) * bf(w.u[i]));
-    }
+    swiglu_bf16(w.g.data(), w.u.data(), static_cast<int64_t>(w.g.size()));
     w.xd = prepare(w.down, w.g.data(), static_cast<int64_t>(w.rows.size()));
     for (int64_t r = 0; r < D; r += ROW_GRAIN) items.emplace_back(e, 2, r);
   }
