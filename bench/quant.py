@@ -1,18 +1,21 @@
 """Compact weights, per format (bf16, fp8, int8, int4), in one run on one memory-bound checkpoint:
-weight bytes in memory (and the process's resident growth on load, against the checkpoint's bytes), decode
+weight bytes in memory (and the resident memory loading and decoding added — the checkpoint's mapped pages
+plus all new anonymous memory — against the checkpoint's bytes), decode
 matmul throughput on a 4096x4096 weight, model decode tokens/s, and top-1 / KL of the logits against bf16.
 Writes bench/results/quant.json and prints ratios against bf16.
 
-    python bench/quant.py [--threads 2] [--tokens 64]
+    python bench/quant.py [--threads 2] [--tokens 64] [--config v3-shaped|small]
 
-Each format is measured in a fresh subprocess, so resident memory is that format's alone.
+The default checkpoint has DeepSeek-V3's per-token make-up (bench/common.py: V3_SHAPED_CONFIG); `small` is
+the single-node benchmark's, whose small layers and large lm_head make fixed per-layer costs and the
+unquantized FP8 lm_head weigh more than in any real model. Each format is measured in a fresh subprocess,
+so resident memory is that format's alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -22,13 +25,12 @@ from pathlib import Path
 
 import torch
 
-from moemesh.demo import DEMO_CONFIG, write_random_checkpoint
+sys.path.insert(0, str(Path(__file__).parent))
+from common import BENCH_CONFIG, V3_SHAPED_CONFIG, active_bytes_per_token, read_bandwidth  # noqa: E402
 
-CONFIG = DEMO_CONFIG | dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
-                            num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384,
-                            kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-                            n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
-                            first_k_dense_replace=1, num_nextn_predict_layers=0, eos_token_id=None)
+from moemesh.demo import write_random_checkpoint  # noqa: E402
+
+CONFIGS = {"v3-shaped": V3_SHAPED_CONFIG, "small": BENCH_CONFIG}
 FORMATS = ("bf16", "fp8", "int8", "int4")
 PROMPT = list(range(100, 116))
 EVAL = (6, 50)  # sequences x tokens for top-1 / KL: 300 positions
@@ -67,12 +69,12 @@ def fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(out + po, inp + pi)[:out, :inp].contiguous(), scale
 
 
-def checkpoints(root: Path) -> dict[str, Path]:
+def checkpoints(root: Path, config: dict) -> dict[str, Path]:
     from moemesh.quantize import Recipe, convert
 
     paths = {fmt: root / fmt for fmt in FORMATS}
     if not (paths["bf16"] / "config.json").exists():
-        write_random_checkpoint(paths["bf16"], CONFIG, seed=0, shards=4)
+        write_random_checkpoint(paths["bf16"], config, seed=0, shards=4)
     if not (paths["fp8"] / "config.json").exists():
         write_fp8(paths["bf16"], paths["fp8"])
     for bits in (8, 4):
@@ -86,30 +88,38 @@ def checkpoint_bytes(path: Path) -> int:
 
 
 # ---- one format, in its own process
-def rss() -> dict[str, int]:
-    """Resident bytes: file-backed (memory-mapped weights) and anonymous (copies, activations, caches)."""
-    out = {}
+def rss(checkpoint: Path) -> dict[str, int]:
+    """Resident bytes: the checkpoint's memory-mapped file pages, all anonymous memory (copies, activations,
+    caches), and all file pages (which also count library code the first forward pass pages in)."""
+    out = {"checkpoint_pages": 0}
+    mapping = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if not line[0].isupper():  # a mapping's header: address range, perms, ..., path
+            mapping = line.split()[-1] if len(line.split()) >= 6 else None
+        elif line.startswith("Rss:") and mapping and mapping.startswith(str(checkpoint.resolve())):
+            out["checkpoint_pages"] += int(line.split()[1]) * 1024
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(("RssFile:", "RssAnon:")):
             out[line.split(":")[0]] = int(line.split()[1]) * 1024
     return out
 
 
-def growth(before: dict[str, int]) -> dict[str, int]:
-    now = rss()
-    return {k: now[k] - before[k] for k in now} | {"total": sum(now.values()) - sum(before.values())}
+def growth(before: dict[str, int], checkpoint: Path) -> dict[str, int]:
+    """What loading and running the model added; `model` = its checkpoint pages + all new anonymous memory."""
+    now = rss(checkpoint)
+    grown = {k: now[k] - before[k] for k in now}
+    return grown | {"model": grown["checkpoint_pages"] + grown["RssAnon"]}
 
 
-def matmul_throughput(fmt: str, reps: int = 20) -> dict:
+def matmul_throughput(fmt: str, args, reps: int = 20) -> dict:
     """y = x @ W.T for one bf16 token through the backend's decode path, over 6 different 4096x4096 weights
     in turn (at least 56 MB, more than the last-level cache: the weights come from memory, as in decode)."""
     from moemesh.kernels.affine import AffineWeight
     from moemesh.kernels.fp8 import Fp8Weight
     from moemesh.kernels.torch_backend import TorchBackend
     from moemesh.model.affine import quantize
-    from moemesh.model.config import args_from_dict
 
-    backend = TorchBackend(args_from_dict(CONFIG), "bfloat16")
+    backend = TorchBackend(args, "bfloat16")
     weights = []
     for seed in range(6):
         w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(seed)) * 0.02
@@ -140,8 +150,9 @@ def measure(fmt: str, path: Path, tokens: int, reference: Path) -> dict:
     from moemesh.kernels.cpu_ext import cpu_kernels
     from moemesh.placement.sizes import model_sizes, weight_format
 
-    cpu_kernels()  # built (or loaded) before the memory baseline
-    before = rss()
+    cpu_kernels()  # built (or loaded) before the memory baseline, as are the modules loading imports
+    import moemesh.model.engine  # noqa: F401
+    before = rss(path)
     engine = moemesh.load(path, dtype="bfloat16")
     predicted = model_sizes(engine.args, weight_format(fmt, engine.args, group_size=64)).weight_bytes
     engine.generate(PROMPT, max_new_tokens=4)  # warm up
@@ -149,13 +160,13 @@ def measure(fmt: str, path: Path, tokens: int, reference: Path) -> dict:
     for _ in range(3):
         engine.generate(PROMPT, max_new_tokens=tokens)
         rates.append(engine.last_stats.decode_tokens_per_s)
-    grown = growth(before)  # weights (every expert has been used by now) and decode's working set
-    ids = torch.randint(0, CONFIG["vocab_size"], EVAL, generator=torch.Generator().manual_seed(1))
+    grown = growth(before, path)  # weights (every expert has been used by now) and decode's working set
+    ids = torch.randint(0, engine.args.vocab_size, EVAL, generator=torch.Generator().manual_seed(1))
     logits = engine.logits(ids).float()
     result = {"format": fmt, "weight_bytes": engine.weight_bytes, "planner_bytes": predicted,
               "checkpoint_bytes": checkpoint_bytes(path), "rss_growth_bytes": grown,
-              "rss_growth_after_300_position_prefill_bytes": growth(before),
-              "decode_tokens_per_s": max(rates), "matmul_4096": matmul_throughput(fmt)}
+              "rss_growth_after_300_position_prefill_bytes": growth(before, path),
+              "decode_tokens_per_s": max(rates), "matmul_4096": matmul_throughput(fmt, engine.args)}
     if fmt == "bf16":  # the reference; and its own distance from float32, the noise floor of these figures
         np.save(reference, logits.numpy())
         del engine
@@ -199,21 +210,11 @@ def torch_alternatives(reps: int = 100) -> dict:
     return out
 
 
-def read_bandwidth() -> float:
-    """Best of a few passes of torch.sum over 512 MiB (bytes/s)."""
-    t = torch.ones(128 << 20)
-    best = math.inf
-    for _ in range(5):
-        start = time.perf_counter()
-        t.sum()
-        best = min(best, time.perf_counter() - start)
-    return t.nbytes / best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--config", choices=CONFIGS, default="v3-shaped", help="the checkpoint's shape (see above)")
     ap.add_argument("--dir", type=Path, default=None, help="where the checkpoints are built (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant.json")
     ap.add_argument("--measure", nargs=3, metavar=("FORMAT", "PATH", "REFERENCE"), help=argparse.SUPPRESS)
@@ -224,8 +225,8 @@ def main() -> None:
         print(json.dumps(measure(fmt, Path(path), a.tokens, Path(reference))))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        root = a.dir or Path(tmp)
-        paths = checkpoints(root)
+        root = (a.dir or Path(tmp)) / a.config
+        paths = checkpoints(root, CONFIGS[a.config])
         reference = root / "bf16_logits.npy"
         results = {}
         for fmt in FORMATS:
@@ -234,21 +235,25 @@ def main() -> None:
                                  capture_output=True, text=True, check=True, env=os.environ)
             results[fmt] = json.loads(run.stdout.strip().splitlines()[-1])
             print(f"measured {fmt}", file=sys.stderr)
-    report = {"config": {k: CONFIG[k] for k in ("hidden_size", "num_hidden_layers", "n_routed_experts",
-                                                  "num_experts_per_tok", "moe_intermediate_size", "vocab_size")},
-              "threads": a.threads, "read_bandwidth_GB_per_s": read_bandwidth() / 1e9, "formats": results,
+    config = CONFIGS[a.config]
+    report = {"config_name": a.config, "config": {k: config[k] for k in (
+                  "hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                  "vocab_size")},
+              "bf16_bytes_read_per_token": active_bytes_per_token(config),
+              "threads": a.threads, "read_bandwidth_GB_per_s": read_bandwidth(a.threads) / 1e9, "formats": results,
               "torch_alternatives": torch_alternatives()}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2))
     base = results["bf16"]
-    print(f"{a.threads} threads; read bandwidth {report['read_bandwidth_GB_per_s']:.1f} GB/s; top-1 / KL against the "
+    print(f"checkpoint '{a.config}': {report['bf16_bytes_read_per_token'] / 1e6:.0f} MB read per token in bf16; "
+          f"{a.threads} threads; read bandwidth {report['read_bandwidth_GB_per_s']:.1f} GB/s; top-1 / KL against the "
           "bf16 model's logits (bf16's row: against float32, the noise floor)")
     print(f"{'format':6} {'weights MB':>10} {'x bf16':>7} {'planner':>8} {'RSS/ckpt':>8} {'anon MB':>7} {'matmul GB/s':>11} "
           f"{'G w/s':>6} {'x bf16':>7} {'decode tok/s':>12} {'x bf16':>7} {'top-1':>6} {'KL':>8}")
     for fmt, r in results.items():
         m = r["matmul_4096"]
         print(f"{fmt:6} {r['weight_bytes'] / 1e6:10.1f} {r['weight_bytes'] / base['weight_bytes']:7.3f} "
-              f"{r['weight_bytes'] / r['planner_bytes']:8.3f} {r['rss_growth_bytes']['total'] / r['checkpoint_bytes']:8.3f} "
+              f"{r['weight_bytes'] / r['planner_bytes']:8.3f} {r['rss_growth_bytes']['model'] / r['checkpoint_bytes']:8.3f} "
               f"{r['rss_growth_bytes']['RssAnon'] / 1e6:7.1f} "
               f"{m['GB_per_s']:11.1f} {m['G_weights_per_s']:6.1f} "
               f"{m['G_weights_per_s'] / base['matmul_4096']['G_weights_per_s']:7.2f} "

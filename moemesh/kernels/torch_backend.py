@@ -199,10 +199,7 @@ class TorchBackend:
         return gate.new_empty(0).set_(gate.untyped_storage(), gate.storage_offset(), (2 * gate.shape[0], gate.shape[1]))
 
     def mlp(self, w: MlpWeights, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None and x.shape[0] <= DECODE_TOKENS and all(
-                isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in (w.gate, w.up, w.down)):
-            return self.kernels.mlp_bf16(x, w.gate, w.up, w.down)
-        if self.kernels is not None and x.shape[0] <= DECODE_TOKENS and x.dtype == torch.bfloat16:
+        if self._decode_kernels(x):
             args = [kernel_args(t) for t in (w.gate, w.up, w.down)]
             if None not in args:
                 return self.kernels.mlp_q(x, *args)
@@ -211,6 +208,9 @@ class TorchBackend:
             gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
             return self.linear(F.silu(gate) * up, w.down)
         return self.linear(F.silu(self.linear(x, w.gate)) * self.linear(x, w.up), w.down)
+
+    def _decode_kernels(self, x: torch.Tensor) -> bool:
+        return self.kernels is not None and x.dtype == torch.bfloat16 and x.shape[0] <= DECODE_TOKENS
 
     def attention(self, w: AttentionWeights, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         """MLA in the absorbed form: the cache holds [normalized latent | roped key] per token."""
@@ -269,7 +269,7 @@ class TorchBackend:
         """Sigmoid scores; the correction bias picks experts (top-2-sum per group, then top-k) but the
         weights come from the unbiased scores. Returns expert ids [n, k] and weights [n, k] float32."""
         a = self.args
-        if self.kernels is not None and x.dtype == torch.bfloat16 and x.shape[0] <= DECODE_TOKENS:
+        if self._decode_kernels(x):
             ids, weights = self.kernels.route_bf16(x, w.router, w.bias, a.n_group, a.topk_group, a.num_experts_per_tok,
                                                    a.norm_topk_prob, a.routed_scaling_factor)
             return ids, weights
@@ -293,26 +293,32 @@ class TorchBackend:
 
     def moe(self, w: MoeWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """A MoE layer's output [n, hidden]: the routed experts' weighted sum, then plus the shared experts."""
-        if self.kernels is not None and x.dtype == torch.bfloat16 and x.shape[0] <= DECODE_TOKENS:
-            chosen = sorted(set(ids.flatten().tolist()))
-            mlps = [w.experts[e] for e in chosen] + ([w.shared] if w.shared is not None else [])
-            if all(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for m in mlps for t in (m.gate, m.up, m.down)):
-                shared = [w.shared.gate, w.shared.up, w.shared.down] if w.shared is not None else []
-                routed = mlps[: len(chosen)]
-                return self.kernels.experts_bf16(x, ids, weights, chosen, [m.gate for m in routed],
-                                                 [m.up for m in routed], [m.down for m in routed], shared)
+        out = self._experts_kernel(w, x, ids, weights, w.shared)
+        if out is not None:
+            return out
         out = self.experts(w, x, ids, weights)
         return out if w.shared is None else out + self.mlp(w.shared, x)
+
+    def _experts_kernel(self, w: MoeWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                        shared: MlpWeights | None) -> torch.Tensor | None:
+        """Decode steps: every chosen expert (and the shared one, if given) in one C++ call (csrc/moe.cpp)."""
+        if not self._decode_kernels(x):
+            return None
+        chosen = sorted(set(ids.flatten().tolist()))
+        mlps = [w.experts[e] for e in chosen] + ([shared] if shared is not None else [])
+        args = [[kernel_args(m.gate), kernel_args(m.up), kernel_args(m.down)] for m in mlps]
+        if any(None in a for a in args):
+            return None
+        routed = args[: len(chosen)]
+        return self.kernels.experts_q(x, ids, weights, chosen, *([a[i] for a in routed] for i in range(3)),
+                                      args[-1] if shared is not None else [])
 
     def experts(self, w: MoeWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of the routed experts' outputs [n, hidden]. Tokens are grouped by expert, so each
         expert runs one matmul per step; each token's terms add up in ascending expert order."""
-        if self.kernels is not None and x.dtype == torch.bfloat16 and x.shape[0] <= DECODE_TOKENS:
-            chosen = sorted(set(ids.flatten().tolist()))
-            mlps = [w.experts[e] for e in chosen]
-            args = [[kernel_args(getattr(m, part)) for m in mlps] for part in ("gate", "up", "down")]
-            if not any(None in part for part in args):  # quantized experts
-                return self.kernels.experts_q(x, ids, weights, chosen, *args)
+        out = self._experts_kernel(w, x, ids, weights, None)
+        if out is not None:
+            return out
         if x.shape[0] == 1:  # one token (decode): no grouping needed; sum in ascending expert order
             out = None
             for e, weight in sorted(zip(ids[0].tolist(), weights[0].tolist())):

@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -22,8 +24,18 @@ inline float bf16_to_float(uint16_t b) {
 }
 
 constexpr int ROWS = 4;  // weight rows per inner pass: 4 streams keep the prefetchers busy
+// Software prefetch this many rows ahead: small matrices (an expert's) have rows too short for the
+// hardware prefetchers to ramp up within a row.
+constexpr int64_t PREFETCH_ROWS = 8;
 
 #if defined(__AVX512BF16__)
+// out[0..3] = the horizontal sums of four fp32 vectors.
+inline void reduce4(__m512 a, __m512 b, __m512 c, __m512 d, float* out) {
+  auto half = [](__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); };
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(half(a), half(b)), _mm256_hadd_ps(half(c), half(d)));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+}
+
 // acc[m][r] += x[m, i:i+32] . w[r, i:i+32] with VDPBF16PS (pairs of bf16 products into fp32 lanes).
 template <int M>
 void rows_bf16(const uint16_t* x, const uint16_t* w, int64_t K, int rows, float* out /*[M][ROWS]*/) {
@@ -33,15 +45,17 @@ void rows_bf16(const uint16_t* x, const uint16_t* w, int64_t K, int rows, float*
   for (int64_t i = 0; i < K; i += 32) {
     const __mmask32 mask = K - i >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - i)) - 1;
     __m512i wv[ROWS];
-    for (int r = 0; r < ROWS; ++r)
+    for (int r = 0; r < ROWS; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + PREFETCH_ROWS) * K + i), _MM_HINT_T0);
       wv[r] = r < rows ? _mm512_maskz_loadu_epi16(mask, w + r * K + i) : _mm512_setzero_si512();
+    }
     for (int m = 0; m < M; ++m) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + i);
       for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv[r], xv);
     }
   }
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < ROWS; ++r) out[m * ROWS + r] = _mm512_reduce_add_ps(acc[m][r]);
+  static_assert(ROWS == 4);
+  for (int m = 0; m < M; ++m) reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * ROWS);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 inline __m256 load8_bf16(const uint16_t* p) {
@@ -114,6 +128,16 @@ inline void linear_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t M,
 }
 
 constexpr int64_t ROW_GRAIN = 64;  // output rows per parallel work item
+
+// f(0..n-1) on torch's threads, each taking the next item when done: items of uneven cost (weights still in
+// memory or already in cache) leave no thread waiting at the end.
+template <typename F>
+void for_each_item(int64_t n, const F& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < n; i = next++) f(i);
+  });
+}
 
 // y[M, N] = x[M, K] @ w[N, K]^T, bf16 in and out, fp32 accumulation; threads split the output rows.
 inline void linear_into(const at::BFloat16* x, const at::BFloat16* w, int64_t M, int64_t N, int64_t K, at::BFloat16* y) {

@@ -3,40 +3,16 @@
 //   MLX affine int4 / int8 (uint32 words, first value in the lowest bits; bf16 scale and bias per group).
 // Nothing is dequantized to memory: each 64-byte chunk of a weight row becomes bf16 values in registers
 // and goes through VDPBF16PS with the activations. The conversions are exact:
-//   e4m3 -> bf16: for normal numbers the bf16 is sign | (e + 120) << 7 | m << 4, built with one vpshufb
-//     (fp8_normals_to_bf16); blocks holding a zero or a subnormal (m * 2^-9) take an exact path that adds
-//     120 to the exponent and looks the subnormals up in an 8-entry table (bf16 keeps them normal numbers,
-//     so VDPBF16PS's flushing of bf16 denormals never touches them).
+//   e4m3 -> bf16: two byte-table lookups of the 7-bit magnitude (VPERMI2B) and the sign (fp8_to_bf16);
+//     subnormals stay normal numbers in bf16, so VDPBF16PS's flushing of bf16 denormals never touches them.
 //   int4/int8: a nibble q or'ed into 0x4300 is the bf16 number 128 + q, exactly. So one VDPBF16PS gives
 //     sum (128 + q) x, and the group's 128 * sum(x) is taken off afterwards with the bias term:
 //     y = sum_g s_g (D_g - 128 X_g) + b_g X_g, D_g the dot product, X_g the group's sum of x.
 //     int8 splits each byte into two nibbles (the high one against 16 x): one code path for both.
-// Elsewhere (no AVX512-BF16) rows are dequantized to fp32 one at a time: correct, slower.
-#include "common.h"
+// Elsewhere (no AVX512-BF16, or for FP8 no AVX512-VBMI) rows are dequantized to fp32 one at a time: correct, slower.
+#include "quant.h"
 
 namespace moemesh {
-
-enum Kind : int64_t { KIND_BF16 = 0, KIND_FP8 = 1, KIND_INT4 = 2, KIND_INT8 = 3 };
-constexpr int64_t FP8_BLOCK = 128;
-constexpr int64_t CHUNK_BYTES = 64;  // weight bytes per inner step (one zmm): 128 int4, 64 int8 or 64 fp8 values
-
-// A linear weight as Python passes it: (weight, scales, biases, kind, group_size); see ../quant_ops.py.
-using QArgs = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t>;
-
-struct QLinear {
-  int64_t kind, N, K, group;
-  const uint8_t* w;                 // rows of K bf16 / K fp8 bytes / K/2 int4 bytes / K int8 bytes
-  const float* block_scales;        // fp8: [ceil(N/128), ceil(K/128)]
-  int64_t block_cols;
-  const at::BFloat16* scales;       // affine: [N, K/group]
-  const at::BFloat16* biases;
-
-  int64_t row_bytes() const { return kind == KIND_INT4 ? K / 2 : (kind == KIND_BF16 ? 2 * K : K); }
-  int64_t groups() const { return K / group; }
-  // Elements per chunk; activations are laid out per chunk (see `prepare`).
-  int64_t chunk() const { return kind == KIND_INT4 ? 128 : 64; }
-  int64_t chunks() const { return (K + chunk() - 1) / chunk(); }
-};
 
 QLinear qlinear(const QArgs& args, const char* what) {
   const auto& [w, scales, biases, kind, group] = args;
@@ -56,6 +32,7 @@ QLinear qlinear(const QArgs& args, const char* what) {
     TORCH_CHECK(w.element_size() == 4, what, ": affine weights are 32-bit words");
     q.K = w.size(1) * (kind == KIND_INT4 ? 8 : 4);
     TORCH_CHECK(group == 32 || group == 64 || group == 128, what, ": group size ", group);
+    TORCH_CHECK(q.K % group == 0, what, ": ", q.K, " inputs are not whole groups of ", group);
     check_bf16(scales, what);
     check_bf16(biases, what);
     TORCH_CHECK(scales.size(0) == q.N && scales.size(1) == q.K / group && biases.sizes() == scales.sizes(), what, ": scales shape ", scales.sizes());
@@ -103,60 +80,103 @@ void dequant_row(const QLinear& w, int64_t row, float* out) {
   }
 }
 
-// The few tokens' activations, arranged for one weight format. A chunk of weights is one 64-byte load, seen
-// as 32 u16 lanes; lane j holds int4 values 4j..4j+3 (a nibble each), int8 values 2j, 2j+1 or fp8 values 2j,
-// 2j+1. The kernels turn each nibble (int) or byte (fp8) position t of the lanes into one bf16 vector, so
-// the activations come as one stream per position: stream t, lane j = the x that multiplies it.
-struct Acts {
-  int64_t M = 0, width = 0;    // width: one stream of one token, 32 lanes per chunk
-  std::vector<float> xf;       // [M, K] fp32 (scalar paths)
-  std::vector<uint16_t> x;     // bf16 [M, streams, width]
-  std::vector<float> sums;     // affine: [M, K/group] sum of x per group
-  std::vector<int32_t> lane_group;  // affine: [chunks per 16 groups, 16] group of each fp32 lane (see below)
-  int streams = 0;
-  const uint16_t* stream(int64_t m, int t) const { return x.data() + (m * streams + t) * width; }
-};
+#if defined(__AVX512BF16__)
+inline __m512 bf16x16_to_f32(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+
+// 32 values of x from i on, zeros past K.
+inline __m512i load32(const uint16_t* x, int64_t i, int64_t K) {
+  const int64_t left = K - i;
+  return _mm512_maskz_loadu_epi16(left >= 32 ? ~__mmask32(0) : left <= 0 ? 0 : (__mmask32(1) << left) - 1, x + i);
+}
+
+// Lane j of the result: the value at index idx[j] of the 64 values in a, b (permutes stay in registers).
+inline __m512i pick(__m512i a, __m512i b, const uint16_t* idx) {
+  return _mm512_permutex2var_epi16(a, _mm512_loadu_si512(idx), b);
+}
+
+// One token's streams: each chunk's lanes gathered from the 64 or 128 x values it multiplies.
+void arrange(const QLinear& w, const uint16_t* x, uint16_t* const* s) {
+  static const auto idx = [] {  // [pattern][lane]; patterns: int4 t = 0..3, int8 even/odd, fp8 first/second
+    std::array<std::array<uint16_t, 32>, 8> out{};
+    for (int j = 0; j < 32; ++j) {
+      for (int t = 0; t < 4; ++t) out[t][j] = static_cast<uint16_t>((4 * j + t) % 64);  // lanes 16..31 unused
+      out[4][j] = static_cast<uint16_t>(2 * j);
+      out[5][j] = static_cast<uint16_t>(2 * j + 1);
+      out[6][j] = static_cast<uint16_t>(16 * (j / 8) + j % 8);
+      out[7][j] = static_cast<uint16_t>(16 * (j / 8) + 8 + j % 8);
+    }
+    return out;
+  }();
+  const int64_t K = w.K;
+  for (int64_t c = 0; c < w.chunks(); ++c) {
+    uint16_t* lane[4];
+    for (int t = 0; t < 4; ++t) lane[t] = s[t] ? s[t] + 32 * c : nullptr;
+    if (w.kind == KIND_INT4) {  // lane j: values 128c + 4j + t; two halves of 64 values, 16 lanes each
+      const int64_t i = 128 * c;
+      const __m512i a0 = load32(x, i, K), a1 = load32(x, i + 32, K), a2 = load32(x, i + 64, K), a3 = load32(x, i + 96, K);
+      for (int t = 0; t < 4; ++t) {
+        const __m512i lo = pick(a0, a1, idx[t].data()), hi = pick(a2, a3, idx[t].data());
+        _mm512_storeu_si512(lane[t], _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1));
+      }
+    } else {
+      const int64_t i = 64 * c;
+      const __m512i a0 = load32(x, i, K), a1 = load32(x, i + 32, K);
+      if (w.kind == KIND_FP8) {
+        _mm512_storeu_si512(lane[0], pick(a0, a1, idx[6].data()));
+        _mm512_storeu_si512(lane[1], pick(a0, a1, idx[7].data()));
+      } else {  // int8: low nibble against x, high nibble against 16 x (exact in bf16: the exponent moves by 4)
+        for (int t = 0; t < 2; ++t) {
+          const __m512i v = pick(a0, a1, idx[4 + t].data());
+          const __m512 sixteen = _mm512_set1_ps(16.0f);
+          const __m512 lo = _mm512_mul_ps(bf16x16_to_f32(_mm512_castsi512_si256(v)), sixteen);
+          const __m512 hi = _mm512_mul_ps(bf16x16_to_f32(_mm512_extracti64x4_epi64(v, 1)), sixteen);
+          _mm512_storeu_si512(lane[2 * t], v);
+          _mm512_storeu_si512(lane[2 * t + 1], (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+      }
+    }
+  }
+}
+
+// Sum of x per group (x's K a multiple of the group, itself a multiple of 32).
+void group_sums(const uint16_t* x, int64_t K, int64_t group, float* sums) {
+  for (int64_t g = 0; g < K / group; ++g) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = g * group; i < (g + 1) * group; i += 16)
+      acc = _mm512_add_ps(acc, bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
+    sums[g] = _mm512_reduce_add_ps(acc);
+  }
+}
 
 Acts prepare(const QLinear& w, const at::BFloat16* x, int64_t M) {
   Acts acts;
   acts.M = M;
-  acts.xf.resize(M * w.K);
-  for (int64_t i = 0; i < M * w.K; ++i) acts.xf[i] = bf(x[i]);
+  acts.raw = x;
   if (w.kind == KIND_BF16) return acts;
   acts.streams = w.kind == KIND_FP8 ? 2 : 4;
   acts.width = w.chunks() * 32;
-  acts.x.assign(M * acts.streams * acts.width, 0);  // zeros past K: the padded weights add nothing
+  acts.x.resize(M * acts.streams * acts.width);
   const auto* xb = reinterpret_cast<const uint16_t*>(x);
   for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* xm = xb + m * w.K;
-    uint16_t* s[4];
+    uint16_t* s[4] = {};
     for (int t = 0; t < acts.streams; ++t) s[t] = acts.x.data() + (m * acts.streams + t) * acts.width;
-    if (w.kind == KIND_INT4) {  // lane j of chunk c: values 128c + 4j + t
-      for (int64_t i = 0; i < w.K; ++i) s[i % 4][i / 4] = xm[i];
-    } else if (w.kind == KIND_FP8) {  // lane j of chunk c: values 64c + 2j + t
-      for (int64_t i = 0; i < w.K; ++i) s[i % 2][i / 2] = xm[i];
-    } else {  // int8: low nibble against x, high nibble against 16 x (exact in bf16: the exponent moves by 4)
-      for (int64_t i = 0; i < w.K; ++i) {
-        const at::BFloat16 x16(16.0f * acts.xf[m * w.K + i]);
-        s[2 * (i % 2)][i / 2] = xm[i];
-        s[2 * (i % 2) + 1][i / 2] = reinterpret_cast<const uint16_t&>(x16);
-      }
-    }
+    arrange(w, xb + m * w.K, s);
   }
-  if (w.kind == KIND_INT4 || w.kind == KIND_INT8) {
-    const int64_t G = w.groups(), per_lane = w.kind == KIND_INT4 ? 8 : 4;
-    acts.sums.assign(M * G, 0.0f);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t i = 0; i < w.K; ++i) acts.sums[m * G + i / w.group] += acts.xf[m * w.K + i];
-    // fp32 lane l of chunk c's dot products covers `per_lane` values from c * chunk + l * per_lane on; its
-    // group within the chunk's 16-group span, per chunk position in the span
-    const int64_t span = 16 * w.group / w.chunk();
-    acts.lane_group.resize(span * 16);
-    for (int64_t pos = 0; pos < span; ++pos)
-      for (int l = 0; l < 16; ++l) acts.lane_group[pos * 16 + l] = static_cast<int32_t>((pos * w.chunk() + l * per_lane) / w.group);
-  }
+  if (w.kind == KIND_FP8) return acts;
+  const int64_t G = w.groups(), per_lane = w.kind == KIND_INT4 ? 8 : 4;
+  acts.sums.resize(M * G);
+  for (int64_t m = 0; m < M; ++m) group_sums(xb + m * w.K, w.K, w.group, acts.sums.data() + m * G);
+  // fp32 lane l of chunk c's dot products covers `per_lane` values from c * chunk + l * per_lane on; its
+  // group within the chunk's 16-group span, per chunk position in the span
+  const int64_t span = 16 * w.group / w.chunk();
+  acts.lane_group.resize(span * 16);
+  for (int64_t pos = 0; pos < span; ++pos)
+    for (int l = 0; l < 16; ++l) acts.lane_group[pos * 16 + l] = static_cast<int32_t>((pos * w.chunk() + l * per_lane) / w.group);
   return acts;
 }
+#else
+Acts prepare(const QLinear&, const at::BFloat16* x, int64_t M) { return Acts{M, 0, x}; }
+#endif
 
 // Scalar path: rows [r0, r0+rows) for tokens m0..m0+M, via one fp32 row at a time.
 template <int M>
@@ -165,145 +185,104 @@ void rows_dequant(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int 
   for (int r = 0; r < rows; ++r) {
     dequant_row(w, r0 + r, row.data());
     for (int m = 0; m < M; ++m) {
-      const float* x = xs.xf.data() + (m0 + m) * w.K;
+      const at::BFloat16* x = xs.raw + (m0 + m) * w.K;
       float total = 0;
-      for (int64_t i = 0; i < w.K; ++i) total += row[i] * x[i];
+      for (int64_t i = 0; i < w.K; ++i) total += row[i] * bf(x[i]);
       out[m * ROWS + r] = total;
     }
   }
 }
 
 #if defined(__AVX512BF16__)
-inline __m512 bcast(const at::BFloat16& v) { return _mm512_set1_ps(bf(v)); }
-
-// sum_g (b_g - offset * s_g) X_g: the bias term, less the 128 (+ 16 * 128) the magic numbers added; 16 groups
-// per step.
-inline float bias_term_avx512(const QLinear& w, int64_t row, const float* sums, float offset) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(w.scales + row * w.groups());
-  const uint16_t* b = reinterpret_cast<const uint16_t*>(w.biases + row * w.groups());
-  __m512 acc = _mm512_setzero_ps();
-  const __m512 off = _mm512_set1_ps(offset);
-  for (int64_t g = 0; g < w.groups(); g += 16) {
-    const __mmask16 mask = w.groups() - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (w.groups() - g)) - 1);
-    const __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, s + g)), 16));
-    const __m512 bv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, b + g)), 16));
-    acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(sv, off, bv), _mm512_maskz_loadu_ps(mask, sums + g), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
 inline __mmask64 tail_mask(int64_t left) { return left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1; }
 
-inline __m512 bf16x16_to_f32(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
-
+// Rows of an affine weight against M tokens. Per row, y = sum_g s_g (D_g - offset X_g) + b_g X_g (see the
+// top of the file); the bias term goes into the same accumulators, 16 groups at a time, so each row ends
+// in one horizontal sum.
 template <int M>
 void rows_affine(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, float* out) {
-  const bool int4 = w.kind == KIND_INT4;
-  const int64_t rb = w.row_bytes(), G = w.groups(), chunk = w.chunk();
-  const int64_t span = 16 * w.group / chunk;  // chunks per 16 groups: their scales are one fp32 vector
+  const int64_t rb = w.row_bytes(), G = w.groups(), chunks = w.chunks();
+  const int64_t span = 16 * w.group / w.chunk();  // chunks per 16 groups: their scales are one fp32 vector
   const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);  // bf16(128 + q) = 0x4300 | q
+  const __m512 offset = _mm512_set1_ps(w.kind == KIND_INT4 ? 128.0f : 128.0f + 16.0f * 128.0f);
   const uint8_t* wr[ROWS];
-  const uint16_t* sr[ROWS];
+  const uint16_t *sr[ROWS], *br[ROWS];
   for (int r = 0; r < ROWS; ++r) {  // rows past the end repeat row 0; their results are dropped
-    wr[r] = w.w + (r0 + (r < rows ? r : 0)) * rb;
-    sr[r] = reinterpret_cast<const uint16_t*>(w.scales) + (r0 + (r < rows ? r : 0)) * G;
+    const int64_t row = r0 + (r < rows ? r : 0);
+    wr[r] = w.w + row * rb;
+    sr[r] = reinterpret_cast<const uint16_t*>(w.scales) + row * G;
+    br[r] = reinterpret_cast<const uint16_t*>(w.biases) + row * G;
   }
   __m512 acc[M][ROWS];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_setzero_ps();
-  __m512 sv[ROWS];
-  for (int64_t c = 0; c < w.chunks(); ++c) {
-    const int64_t pos = c % span;
-    if (pos == 0) {
-      const int64_t g = c * chunk / w.group;
-      const __mmask16 smask = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1);
-      for (int r = 0; r < ROWS; ++r) sv[r] = bf16x16_to_f32(_mm256_maskz_loadu_epi16(smask, sr[r] + g));
-    }
-    const __m512i lane_group = _mm512_loadu_si512(xs.lane_group.data() + pos * 16);
-    const __mmask64 mask = tail_mask(rb - c * CHUNK_BYTES);
-    __m512bh xt[M][4];
-    for (int m = 0; m < M; ++m)
-      for (int t = 0; t < 4; ++t) xt[m][t] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, t) + c * 32);
+  for (int64_t c0 = 0, g0 = 0; c0 < chunks; c0 += span, g0 += 16) {
+    const __mmask16 gmask = G - g0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g0)) - 1);
+    __m512 sv[ROWS];
     for (int r = 0; r < ROWS; ++r) {
-      const __m512i v = _mm512_maskz_loadu_epi8(mask, wr[r] + c * CHUNK_BYTES);
-      // the four nibbles of each u16 lane, each or'ed into magic: (v >> 4t) & 15 | magic
-      const __m512bh n0 = (__m512bh)_mm512_ternarylogic_epi32(v, low4, magic, 0xEA);
-      const __m512bh n1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, magic, 0xEA);
-      const __m512bh n2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low4, magic, 0xEA);
-      const __m512bh n3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
-      const __m512 s = _mm512_permutexvar_ps(lane_group, sv[r]);
-      for (int m = 0; m < M; ++m) {  // two short chains: VDPBF16PS's latency, not its throughput, would bind
-        const __m512 d0 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), n0, xt[m][0]), n1, xt[m][1]);
-        const __m512 d1 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), n2, xt[m][2]), n3, xt[m][3]);
-        acc[m][r] = _mm512_fmadd_ps(_mm512_add_ps(d0, d1), s, acc[m][r]);
+      sv[r] = bf16x16_to_f32(_mm256_maskz_loadu_epi16(gmask, sr[r] + g0));
+      const __m512 shift = _mm512_fnmadd_ps(sv[r], offset, bf16x16_to_f32(_mm256_maskz_loadu_epi16(gmask, br[r] + g0)));
+      for (int m = 0; m < M; ++m)
+        acc[m][r] = _mm512_fmadd_ps(shift, _mm512_maskz_loadu_ps(gmask, xs.sums.data() + (m0 + m) * G + g0), acc[m][r]);
+    }
+    for (int64_t c = c0; c < std::min(chunks, c0 + span); ++c) {
+      const __m512i lane_group = _mm512_loadu_si512(xs.lane_group.data() + (c - c0) * 16);
+      const __mmask64 mask = tail_mask(rb - c * CHUNK_BYTES);
+      __m512bh xt[M][4];
+      for (int m = 0; m < M; ++m)
+        for (int t = 0; t < 4; ++t) xt[m][t] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, t) + c * 32);
+      for (int r = 0; r < ROWS; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + c * CHUNK_BYTES + PREFETCH_ROWS * rb), _MM_HINT_T0);
+        const __m512i v = _mm512_maskz_loadu_epi8(mask, wr[r] + c * CHUNK_BYTES);
+        // the four nibbles of each u16 lane, each or'ed into magic: (v >> 4t) & 15 | magic
+        const __m512bh n0 = (__m512bh)_mm512_ternarylogic_epi32(v, low4, magic, 0xEA);
+        const __m512bh n1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, magic, 0xEA);
+        const __m512bh n2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low4, magic, 0xEA);
+        const __m512bh n3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
+        const __m512 s = _mm512_permutexvar_ps(lane_group, sv[r]);
+        for (int m = 0; m < M; ++m) {  // two short chains: VDPBF16PS's latency, not its throughput, would bind
+          const __m512 d0 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), n0, xt[m][0]), n1, xt[m][1]);
+          const __m512 d1 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), n2, xt[m][2]), n3, xt[m][3]);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_add_ps(d0, d1), s, acc[m][r]);
+        }
       }
     }
   }
-  const float offset = int4 ? 128.0f : 128.0f + 16.0f * 128.0f;
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < rows; ++r)
-      out[m * ROWS + r] = _mm512_reduce_add_ps(acc[m][r]) + bias_term_avx512(w, r0 + r, xs.sums.data() + (m0 + m) * G, offset);
+  for (int m = 0; m < M; ++m) reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * ROWS);
 }
 
-// e4m3 bytes (one per u16 lane, in bits 0-7) -> bf16, exactly; `sign` is the lane with the sign at bit 15.
-inline __m512i fp8_to_bf16(__m512i byte, __m512i sign, __m512i subnormals) {
-  const __m512i mag = _mm512_and_si512(byte, _mm512_set1_epi16(0x7F));
-  __m512i h = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));  // exponent + 120
-  h = _mm512_mask_permutexvar_epi16(h, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), mag, subnormals);
-  return _mm512_ternarylogic_epi32(sign, _mm512_set1_epi16(-0x8000), h, 0xEA);  // (sign & 0x8000) | h
-}
-
-// The same for bytes with a nonzero exponent (no zero, no subnormal): almost all of a real checkpoint. A
-// bf16's high byte is then sign | (e + 120) >> 1, a function of the e4m3 byte's high nibble (one vpshufb),
-// and its low byte (e & 1) << 7 | m << 4, the e4m3 byte's low nibble moved up. `lo` and `hi` take the low
-// and the high byte of each u16 lane.
-inline void fp8_normals_to_bf16(__m512i v, __m512i& lo, __m512i& hi) {
-  const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(60, 61, 62, 63, 64, 65, 66, 67, -68, -67, -66, -65,
-                                                             -64, -63, -62, -61));  // (s << 7) | (60 + e >> 1)
-  const __m512i t = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)));
-  const __m512i u = _mm512_and_si512(_mm512_slli_epi16(v, 4), _mm512_set1_epi8(static_cast<char>(0xF0)));
-  lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(t, 8), u, _mm512_set1_epi16(0x00FF), 0xF8);  // A | (B & C)
-  hi = _mm512_ternarylogic_epi32(t, _mm512_set1_epi16(static_cast<short>(0xFF00)), _mm512_srli_epi16(u, 8), 0xEA);
-}
-
-// One 128-column block of 4 rows: d, e += the low / high bytes' products (two chains: VDPBF16PS's latency).
-template <int M, bool exact>
-inline void fp8_block(const uint8_t* const* wr, int64_t begin, int64_t end, int64_t K, const Acts& xs, int64_t m0,
-                      __m512i subnormals, __m512 (&d)[M][ROWS], __m512 (&e)[M][ROWS]) {
-  for (int64_t i = begin; i < end; i += CHUNK_BYTES) {
-    const __mmask64 mask = tail_mask(K - i);
-    __m512bh x0[M], x1[M];
-    for (int m = 0; m < M; ++m) {
-      x0[m] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, 0) + i / 2);
-      x1[m] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, 1) + i / 2);
+#if defined(__AVX512VBMI__)
+// e4m3 -> bf16 for 64 bytes at once, exactly: the bf16's low and high bytes are functions of the 7-bit
+// magnitude (two 128-entry byte tables, one VPERMI2B each; subnormals m * 2^-9 become normal bf16 numbers),
+// the sign is or'ed back into the high byte, and unpacking interleaves the two bytes into u16 lanes. Lane j of
+// `first` is byte 16 (j / 8) + j % 8 of the 64, of `second` byte 16 (j / 8) + 8 + j % 8 (see `prepare`).
+struct Fp8Tables {
+  __m512i lo0, lo1, hi0, hi1;
+  Fp8Tables() {
+    alignas(64) uint8_t lo[128], hi[128];
+    for (int b = 0; b < 128; ++b) {
+      const float v = fp8_table.value[b];
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      lo[b] = static_cast<uint8_t>(u >> 16);
+      hi[b] = static_cast<uint8_t>(u >> 24);
     }
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512i v = _mm512_maskz_loadu_epi8(mask, wr[r] + i);
-      __m512i lo, hi;
-      if (exact) {
-        lo = fp8_to_bf16(_mm512_and_si512(v, _mm512_set1_epi16(0xFF)), _mm512_slli_epi16(v, 8), subnormals);
-        hi = fp8_to_bf16(_mm512_srli_epi16(v, 8), v, subnormals);
-      } else {
-        fp8_normals_to_bf16(v, lo, hi);
-      }
-      for (int m = 0; m < M; ++m) {
-        d[m][r] = _mm512_dpbf16_ps(d[m][r], (__m512bh)lo, x0[m]);
-        e[m][r] = _mm512_dpbf16_ps(e[m][r], (__m512bh)hi, x1[m]);
-      }
-    }
+    lo0 = _mm512_load_si512(lo), lo1 = _mm512_load_si512(lo + 64);
+    hi0 = _mm512_load_si512(hi), hi1 = _mm512_load_si512(hi + 64);
   }
+};
+
+inline void fp8_to_bf16(const Fp8Tables& t, __m512i v, __m512i& first, __m512i& second) {
+  const __m512i lo = _mm512_permutex2var_epi8(t.lo0, v, t.lo1);  // index bit 6 picks the table, bit 7 is ignored
+  const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t.hi0, v, t.hi1), v,
+                                               _mm512_set1_epi8(static_cast<char>(0x80)), 0xF8);  // A | (B & C)
+  first = _mm512_unpacklo_epi8(lo, hi);
+  second = _mm512_unpackhi_epi8(lo, hi);
 }
 
 template <int M>
 void rows_fp8(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, float* out) {
-  alignas(64) uint16_t table[32] = {};  // bf16 of the subnormals m * 2^-9 at index m (0..7)
-  for (int m = 0; m < 8; ++m) {
-    const float v = std::ldexp(static_cast<float>(m), -9);
-    uint32_t u;
-    std::memcpy(&u, &v, 4);
-    table[m] = static_cast<uint16_t>(u >> 16);
-  }
-  const __m512i subnormals = _mm512_load_si512(table), exponent = _mm512_set1_epi8(0x78);
+  static const Fp8Tables tables;
   const uint8_t* wr[ROWS];
   for (int r = 0; r < ROWS; ++r) wr[r] = w.w + (r0 + (r < rows ? r : 0)) * w.K;
   const float* scales = w.block_scales + (r0 / FP8_BLOCK) * w.block_cols;  // 4 rows never straddle a block
@@ -311,57 +290,63 @@ void rows_fp8(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < w.block_cols; ++kb) {
-    __m512 d[M][ROWS], e[M][ROWS];
+    __m512 d[M][ROWS], e[M][ROWS];  // the two halves' products: two chains, for VDPBF16PS's latency
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < ROWS; ++r) d[m][r] = e[m][r] = _mm512_setzero_ps();
-    const int64_t begin = kb * FP8_BLOCK, end = std::min<int64_t>(w.K, begin + FP8_BLOCK);
-    __mmask64 special = 0;  // a zero or subnormal byte in this block of the 4 rows (1 in ~20 blocks of a real
-    for (int64_t i = begin; i < end; i += CHUNK_BYTES) {  // checkpoint) takes the exact conversion
+    for (int64_t i = kb * FP8_BLOCK; i < std::min<int64_t>(w.K, (kb + 1) * FP8_BLOCK); i += CHUNK_BYTES) {
       const __mmask64 mask = tail_mask(w.K - i);
-      for (int r = 0; r < ROWS; ++r)
-        special |= _mm512_mask_testn_epi8_mask(mask, _mm512_maskz_loadu_epi8(mask, wr[r] + i), exponent);
+      __m512bh x0[M], x1[M];
+      for (int m = 0; m < M; ++m) {
+        x0[m] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, 0) + i / 2);
+        x1[m] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, 1) + i / 2);
+      }
+      for (int r = 0; r < ROWS; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + i + PREFETCH_ROWS * w.K), _MM_HINT_T0);
+        __m512i first, second;
+        fp8_to_bf16(tables, _mm512_maskz_loadu_epi8(mask, wr[r] + i), first, second);
+        for (int m = 0; m < M; ++m) {
+          d[m][r] = _mm512_dpbf16_ps(d[m][r], (__m512bh)first, x0[m]);
+          e[m][r] = _mm512_dpbf16_ps(e[m][r], (__m512bh)second, x1[m]);
+        }
+      }
     }
-    if (special)
-      fp8_block<M, true>(wr, begin, end, w.K, xs, m0, subnormals, d, e);
-    else
-      fp8_block<M, false>(wr, begin, end, w.K, xs, m0, subnormals, d, e);
     const __m512 s = _mm512_set1_ps(scales[kb]);
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_fmadd_ps(_mm512_add_ps(d[m][r], e[m][r]), s, acc[m][r]);
   }
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < rows; ++r) out[m * ROWS + r] = _mm512_reduce_add_ps(acc[m][r]);
+  for (int m = 0; m < M; ++m) reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * ROWS);
 }
+#endif  // __AVX512VBMI__
 #endif
 
 template <int M>
-void rows_q(const QLinear& w, const Acts& xs, const at::BFloat16* x, int64_t m0, int64_t r0, int rows, float* out) {
+void rows_q(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, float* out) {
   if (w.kind == KIND_BF16) {
-    rows_bf16<M>(reinterpret_cast<const uint16_t*>(x) + m0 * w.K, reinterpret_cast<const uint16_t*>(w.w) + r0 * w.K,
+    rows_bf16<M>(reinterpret_cast<const uint16_t*>(xs.raw) + m0 * w.K, reinterpret_cast<const uint16_t*>(w.w) + r0 * w.K,
                  w.K, rows, out);
     return;
   }
 #if defined(__AVX512BF16__)
+#if defined(__AVX512VBMI__)
   if (w.kind == KIND_FP8) return rows_fp8<M>(w, xs, m0, r0, rows, out);
-  return rows_affine<M>(w, xs, m0, r0, rows, out);
-#else
-  rows_dequant<M>(w, xs, m0, r0, rows, out);
 #endif
+  if (w.kind != KIND_FP8) return rows_affine<M>(w, xs, m0, r0, rows, out);
+#endif
+  rows_dequant<M>(w, xs, m0, r0, rows, out);
 }
 
 // y[m, r] for every token and output rows [row_begin, row_end), 4 tokens per pass over the rows.
-void linear_rows_q(const QLinear& w, const Acts& xs, const at::BFloat16* x, at::BFloat16* y, int64_t row_begin,
-                   int64_t row_end) {
+void linear_rows_q(const QLinear& w, const Acts& xs, at::BFloat16* y, int64_t row_begin, int64_t row_end) {
   float out[4 * ROWS];
   for (int64_t m = 0; m < xs.M; m += 4) {
     const int take = static_cast<int>(std::min<int64_t>(4, xs.M - m));
     for (int64_t r = row_begin; r < row_end; r += ROWS) {
       const int rows = static_cast<int>(std::min<int64_t>(ROWS, row_end - r));
       switch (take) {
-        case 4: rows_q<4>(w, xs, x, m, r, rows, out); break;
-        case 3: rows_q<3>(w, xs, x, m, r, rows, out); break;
-        case 2: rows_q<2>(w, xs, x, m, r, rows, out); break;
-        default: rows_q<1>(w, xs, x, m, r, rows, out);
+        case 4: rows_q<4>(w, xs, m, r, rows, out); break;
+        case 3: rows_q<3>(w, xs, m, r, rows, out); break;
+        case 2: rows_q<2>(w, xs, m, r, rows, out); break;
+        default: rows_q<1>(w, xs, m, r, rows, out);
       }
       for (int t = 0; t < take; ++t)
         for (int i = 0; i < rows; ++i) y[(m + t) * w.N + r + i] = at::BFloat16(out[t * ROWS + i]);
@@ -372,7 +357,7 @@ void linear_rows_q(const QLinear& w, const Acts& xs, const at::BFloat16* x, at::
 void linear_q_into(const QLinear& w, const at::BFloat16* x, int64_t M, at::BFloat16* y) {
   const Acts xs = prepare(w, x, M);
   at::parallel_for(0, (w.N + ROW_GRAIN - 1) / ROW_GRAIN, 1, [&](int64_t begin, int64_t end) {
-    linear_rows_q(w, xs, x, y, begin * ROW_GRAIN, std::min(w.N, end * ROW_GRAIN));
+    linear_rows_q(w, xs, y, begin * ROW_GRAIN, std::min(w.N, end * ROW_GRAIN));
   });
 }
 
@@ -384,119 +369,6 @@ torch::Tensor linear_q(torch::Tensor x, QArgs weight) {
   auto y = torch::empty({x.size(0), w.N}, x.options());
   linear_q_into(w, x.data_ptr<at::BFloat16>(), x.size(0), y.data_ptr<at::BFloat16>());
   return y;
-}
-
-// down(silu(gate(x)) * up(x)) with the reference's bf16 rounding points (as mlp_bf16); gate and up rows
-// are read in one parallel pass.
-void mlp_q_into(const at::BFloat16* x, int64_t M, const QLinear& gate, const QLinear& up, const QLinear& down,
-                at::BFloat16* y) {
-  const int64_t I = gate.N;
-  std::vector<at::BFloat16> g(M * I), u(M * I);
-  const Acts xg = prepare(gate, x, M), xu = prepare(up, x, M);
-  const int64_t items = (I + ROW_GRAIN - 1) / ROW_GRAIN;
-  at::parallel_for(0, 2 * items, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const bool is_up = item >= items;
-      const int64_t r = (item % items) * ROW_GRAIN;
-      linear_rows_q(is_up ? up : gate, is_up ? xu : xg, x, (is_up ? u : g).data(), r, std::min(I, r + ROW_GRAIN));
-    }
-  });
-  swiglu_bf16(g.data(), u.data(), M * I);
-  linear_q_into(down, g.data(), M, y);
-}
-
-void check_mlp_q(const QLinear& gate, const QLinear& up, const QLinear& down, int64_t D) {
-  TORCH_CHECK(gate.K == D && up.K == D && up.N == gate.N && down.N == D && down.K == gate.N,
-              "mlp_q: weight shapes do not make a SwiGLU MLP of hidden size ", D);
-}
-
-torch::Tensor mlp_q(torch::Tensor x, QArgs gate, QArgs up, QArgs down) {
-  x = x.contiguous();
-  check_bf16(x, "mlp_q x");
-  const QLinear g = qlinear(gate, "mlp_q gate"), u = qlinear(up, "mlp_q up"), d = qlinear(down, "mlp_q down");
-  check_mlp_q(g, u, d, x.size(1));
-  auto y = torch::empty_like(x);
-  mlp_q_into(x.data_ptr<at::BFloat16>(), x.size(0), g, u, d, y.data_ptr<at::BFloat16>());
-  return y;
-}
-
-// Routed experts for a few tokens, summed as experts_bf16 sums them (ascending expert order, each addition
-// rounded to bf16), for weights in any of the formats above. Decode touches a few small experts, so all of
-// them share two parallel passes (gate and up rows, then down rows) instead of two each.
-struct ExpertWork {
-  QLinear gate, up, down;
-  std::vector<std::pair<int64_t, float>> rows;  // (token, routing weight)
-  std::vector<at::BFloat16> x, g, u, y;         // the expert's tokens, its gate/up outputs, its output
-  Acts xg, xu, xd;
-};
-
-torch::Tensor experts_q(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, std::vector<int64_t> expert_ids,
-                        std::vector<QArgs> gates, std::vector<QArgs> ups, std::vector<QArgs> downs) {
-  x = x.contiguous();
-  ids = ids.contiguous();
-  weights = weights.contiguous();
-  check_bf16(x, "experts_q x");
-  TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat && ids.sizes() == weights.sizes(),
-              "experts_q: ids int64 and weights fp32 of one shape");
-  const int64_t n = x.size(0), D = x.size(1), k = ids.size(1);
-  const int64_t* ip = ids.data_ptr<int64_t>();
-  const float* wp = weights.data_ptr<float>();
-  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  std::vector<ExpertWork> work;
-  for (size_t e = 0; e < expert_ids.size(); ++e) {
-    ExpertWork w{qlinear(gates[e], "experts_q gate"), qlinear(ups[e], "experts_q up"), qlinear(downs[e], "experts_q down")};
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t j = 0; j < k; ++j)
-        if (ip[t * k + j] == expert_ids[e]) w.rows.emplace_back(t, wp[t * k + j]);
-    if (w.rows.empty()) continue;
-    check_mlp_q(w.gate, w.up, w.down, D);
-    const int64_t m = static_cast<int64_t>(w.rows.size()), I = w.gate.N;
-    w.x.resize(m * D);
-    for (int64_t r = 0; r < m; ++r) std::memcpy(w.x.data() + r * D, xp + w.rows[r].first * D, D * sizeof(at::BFloat16));
-    w.g.resize(m * I);
-    w.u.resize(m * I);
-    w.y.resize(m * D);
-    w.xg = prepare(w.gate, w.x.data(), m);
-    w.xu = prepare(w.up, w.x.data(), m);
-    work.push_back(std::move(w));
-  }
-  // items: (expert, which matrix, first row); gate and up first, then down
-  std::vector<std::tuple<size_t, int, int64_t>> items;
-  for (size_t e = 0; e < work.size(); ++e)
-    for (int which = 0; which < 2; ++which)
-      for (int64_t r = 0; r < work[e].gate.N; r += ROW_GRAIN) items.emplace_back(e, which, r);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      auto [e, which, r] = items[i];
-      ExpertWork& w = work[e];
-      const QLinear& lin = which == 0 ? w.gate : w.up;
-      linear_rows_q(lin, which == 0 ? w.xg : w.xu, w.x.data(), (which == 0 ? w.g : w.u).data(), r,
-                    std::min(lin.N, r + ROW_GRAIN));
-    }
-  });
-  items.clear();
-  for (size_t e = 0; e < work.size(); ++e) {
-    ExpertWork& w = work[e];
-    swiglu_bf16(w.g.data(), w.u.data(), static_cast<int64_t>(w.g.size()));
-    w.xd = prepare(w.down, w.g.data(), static_cast<int64_t>(w.rows.size()));
-    for (int64_t r = 0; r < D; r += ROW_GRAIN) items.emplace_back(e, 2, r);
-  }
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      auto [e, which, r] = items[i];
-      ExpertWork& w = work[e];
-      linear_rows_q(w.down, w.xd, w.g.data(), w.y.data(), r, std::min(D, r + ROW_GRAIN));
-    }
-  });
-  auto out = torch::zeros_like(x);
-  auto op = out.data_ptr<at::BFloat16>();
-  for (const ExpertWork& w : work)  // ascending expert order
-    for (size_t r = 0; r < w.rows.size(); ++r) {
-      at::BFloat16* dst = op + w.rows[r].first * D;
-      for (int64_t i = 0; i < D; ++i)
-        dst[i] = at::BFloat16(bf(dst[i]) + bf(at::BFloat16(bf(w.y[r * D + i]) * w.rows[r].second)));
-    }
-  return out;
 }
 
 // Rows [row_begin, row_end) of the weight as bf16 (w * scale in fp32, rounded once): prefill's tiles.

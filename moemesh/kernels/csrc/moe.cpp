@@ -1,0 +1,129 @@
+// SwiGLU MLPs and MoE layers for a few bf16 tokens, weights in any of quant.h's formats (formats may mix).
+// Every expert of a step (routed and shared) shares two parallel passes — all gate and up rows, then all
+// down rows — rather than two each: decode touches a few small experts per layer, and each parallel
+// region costs a few microseconds.
+#include "quant.h"
+
+namespace moemesh {
+namespace {
+
+// Rows per work item: long runs of consecutive rows keep the prefetchers ahead (64-row items decode ~10%
+// slower), and a layer of 9 experts still makes dozens of items for the threads to share.
+constexpr int64_t MOE_GRAIN = 256;
+
+struct Expert {
+  QLinear gate, up, down;
+  std::vector<std::pair<int64_t, float>> rows;  // (token, weight): the tokens routed here
+  std::vector<at::BFloat16> x, g, u, y;         // gathered inputs, gate/up outputs, expert outputs
+  Acts xg, xu, xd;
+};
+
+void check_mlp(const Expert& e, int64_t D) {
+  TORCH_CHECK(e.gate.K == D && e.up.K == D && e.up.N == e.gate.N && e.down.N == D && e.down.K == e.gate.N,
+              "mlp: weight shapes do not make a SwiGLU MLP of hidden size ", D);
+}
+
+// dst = bf16(dst + bf16(y * weight)): one expert's term, with the reference's rounding points.
+void add_weighted(at::BFloat16* dst, const at::BFloat16* y, float weight, int64_t D) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  const __m512 w = _mm512_set1_ps(weight);
+  auto load = [](const at::BFloat16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  };
+  auto round = [](__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16)); };
+  for (; i + 16 <= D; i += 16)
+    _mm256_storeu_si256((__m256i*)(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(load(dst + i), round(_mm512_mul_ps(load(y + i), w)))));
+#endif
+  for (; i < D; ++i)
+    dst[i] = at::BFloat16(static_cast<float>(dst[i]) + static_cast<float>(at::BFloat16(static_cast<float>(y[i]) * weight)));
+}
+
+// out[t] = sum over the experts holding t, in order, of bf16(mlp_e(x[t]) * weight), each addition rounded.
+torch::Tensor run(const torch::Tensor& x, std::vector<Expert>& experts) {
+  const int64_t D = x.size(1);
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  struct Item { size_t expert; int64_t row; };  // MOE_GRAIN rows of gate and up, or of down
+  std::vector<Item> up_items, down_items;
+  for (size_t i = 0; i < experts.size(); ++i) {
+    Expert& e = experts[i];
+    check_mlp(e, D);
+    const int64_t m = static_cast<int64_t>(e.rows.size()), I = e.gate.N;
+    e.x.resize(m * D);
+    for (int64_t r = 0; r < m; ++r) std::memcpy(e.x.data() + r * D, xp + e.rows[r].first * D, D * sizeof(at::BFloat16));
+    e.g.resize(m * I);
+    e.u.resize(m * I);
+    e.y.resize(m * D);
+    e.xg = prepare(e.gate, e.x.data(), m);
+    e.xu = prepare(e.up, e.x.data(), m);
+    for (int64_t row = 0; row < I; row += MOE_GRAIN) up_items.push_back({i, row});
+    for (int64_t row = 0; row < D; row += MOE_GRAIN) down_items.push_back({i, row});
+  }
+  for_each_item(static_cast<int64_t>(up_items.size()), [&](int64_t i) {  // gate and up rows, then their SwiGLU
+    Expert& e = experts[up_items[i].expert];
+    const int64_t I = e.gate.N, begin = up_items[i].row, end = std::min(I, begin + MOE_GRAIN);
+    linear_rows_q(e.gate, e.xg, e.g.data(), begin, end);
+    linear_rows_q(e.up, e.xu, e.u.data(), begin, end);
+    for (size_t t = 0; t < e.rows.size(); ++t) swiglu_bf16(e.g.data() + t * I + begin, e.u.data() + t * I + begin, end - begin);
+  });
+  for (Expert& e : experts) e.xd = prepare(e.down, e.g.data(), static_cast<int64_t>(e.rows.size()));
+  for_each_item(static_cast<int64_t>(down_items.size()), [&](int64_t i) {
+    Expert& e = experts[down_items[i].expert];
+    linear_rows_q(e.down, e.xd, e.y.data(), down_items[i].row, std::min(D, down_items[i].row + MOE_GRAIN));
+  });
+  auto out = torch::zeros_like(x);
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  for (const Expert& e : experts)
+    for (size_t r = 0; r < e.rows.size(); ++r) add_weighted(op + e.rows[r].first * D, e.y.data() + r * D, e.rows[r].second, D);
+  return out;
+}
+
+Expert expert(const QArgs& gate, const QArgs& up, const QArgs& down, const char* what) {
+  return Expert{qlinear(gate, what), qlinear(up, what), qlinear(down, what)};
+}
+
+}  // namespace
+
+// down(silu(gate(x)) * up(x)) with the reference's bf16 rounding points (gate and up outputs, silu, product).
+torch::Tensor mlp_q(torch::Tensor x, QArgs gate, QArgs up, QArgs down) {
+  x = x.contiguous();
+  check_bf16(x, "mlp_q x");
+  std::vector<Expert> experts{expert(gate, up, down, "mlp_q")};
+  for (int64_t t = 0; t < x.size(0); ++t) experts[0].rows.emplace_back(t, 1.0f);  // bf16(y * 1) + 0 is y
+  return run(x, experts);
+}
+
+// The MoE layer: the routed experts' weighted sum in ascending expert order, then plus the shared expert
+// (if given), every addition rounded to bf16 — the reference's order and rounding. expert_ids are sorted;
+// gates[i] etc. belong to expert_ids[i]; shared is empty or (gate, up, down).
+torch::Tensor experts_q(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, std::vector<int64_t> expert_ids,
+                        std::vector<QArgs> gates, std::vector<QArgs> ups, std::vector<QArgs> downs,
+                        std::vector<QArgs> shared) {
+  x = x.contiguous();
+  ids = ids.contiguous();
+  weights = weights.contiguous();
+  check_bf16(x, "experts_q x");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat && ids.sizes() == weights.sizes(),
+              "experts_q: ids int64 and weights fp32 of one shape");
+  TORCH_CHECK(gates.size() == expert_ids.size() && ups.size() == expert_ids.size() && downs.size() == expert_ids.size(),
+              "experts_q: one gate, up and down per expert id");
+  TORCH_CHECK(shared.empty() || shared.size() == 3, "experts_q: shared is (gate, up, down) or nothing");
+  const int64_t n = x.size(0), k = ids.size(1);
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  const float* wp = weights.data_ptr<float>();
+  std::vector<Expert> experts;
+  for (size_t i = 0; i < expert_ids.size(); ++i) {
+    Expert e = expert(gates[i], ups[i], downs[i], "experts_q");
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < k; ++j)
+        if (ip[t * k + j] == expert_ids[i]) e.rows.emplace_back(t, wp[t * k + j]);
+    if (!e.rows.empty()) experts.push_back(std::move(e));
+  }
+  if (!shared.empty()) {
+    experts.push_back(expert(shared[0], shared[1], shared[2], "experts_q shared"));
+    for (int64_t t = 0; t < n; ++t) experts.back().rows.emplace_back(t, 1.0f);
+  }
+  return run(x, experts);
+}
+
+}  // namespace moemesh

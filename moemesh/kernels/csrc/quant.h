@@ -1,0 +1,51 @@
+// Weights in any of the kernels' formats (bf16, FP8 blocks, MLX affine int4/int8) and the few-token matmul
+// over them (quant.cpp); moe.cpp builds the MLP and MoE layers on it.
+#pragma once
+#include "common.h"
+
+namespace moemesh {
+
+enum Kind : int64_t { KIND_BF16 = 0, KIND_FP8 = 1, KIND_INT4 = 2, KIND_INT8 = 3 };
+constexpr int64_t FP8_BLOCK = 128;
+constexpr int64_t CHUNK_BYTES = 64;  // weight bytes per inner step (one zmm): 128 int4, 64 int8 or 64 fp8 values
+
+// A linear weight as Python passes it: (weight, scales, biases, kind, group_size); see ../quant_ops.py.
+using QArgs = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t>;
+
+struct QLinear {
+  int64_t kind, N, K, group;
+  const uint8_t* w;                 // rows of K bf16 / K fp8 bytes / K/2 int4 bytes / K int8 bytes
+  const float* block_scales;        // fp8: [ceil(N/128), ceil(K/128)]
+  int64_t block_cols;
+  const at::BFloat16* scales;       // affine: [N, K/group]
+  const at::BFloat16* biases;
+
+  int64_t row_bytes() const { return kind == KIND_INT4 ? K / 2 : (kind == KIND_BF16 ? 2 * K : K); }
+  int64_t groups() const { return K / group; }
+  // Elements per chunk; activations are laid out per chunk (see `prepare`).
+  int64_t chunk() const { return kind == KIND_INT4 ? 128 : 64; }
+  int64_t chunks() const { return (K + chunk() - 1) / chunk(); }
+};
+
+// The few tokens' activations, arranged for one weight format. A chunk of weights is one 64-byte load, seen
+// as 32 u16 lanes; lane j holds int4 values 4j..4j+3 (a nibble each) or int8 values 2j, 2j+1; fp8 bytes are
+// unpacked in the order fp8_to_bf16 gives. The kernels turn each nibble (int) or byte half (fp8) position t
+// into one bf16 vector, so the activations come as one stream per position: stream t, lane j = the x that
+// multiplies it. Streams are zero past K: the masked-off weights add nothing.
+struct Acts {
+  int64_t M = 0, width = 0;         // width: one stream of one token, 32 lanes per chunk
+  const at::BFloat16* raw = nullptr;  // [M, K] as given (scalar paths)
+  std::vector<uint16_t> x;          // bf16 [M, streams, width]
+  std::vector<float> sums;          // affine: [M, K/group] sum of x per group
+  std::vector<int32_t> lane_group;  // affine: [chunks per 16 groups, 16] group of each fp32 lane (see below)
+  int streams = 0;
+  const uint16_t* stream(int64_t m, int t) const { return x.data() + (m * streams + t) * width; }
+};
+
+QLinear qlinear(const QArgs& args, const char* what);
+Acts prepare(const QLinear& w, const at::BFloat16* x, int64_t M);
+// y[m, r] for every token and output rows [row_begin, row_end)
+void linear_rows_q(const QLinear& w, const Acts& xs, at::BFloat16* y, int64_t row_begin, int64_t row_end);
+void linear_q_into(const QLinear& w, const at::BFloat16* x, int64_t M, at::BFloat16* y);
+
+}  // namespace moemesh
