@@ -46,7 +46,7 @@ void rows_bf16(const uint16_t* x, const uint16_t* w, int64_t K, int rows, float*
     const __mmask32 mask = K - i >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - i)) - 1;
     __m512i wv[ROWS];
     for (int r = 0; r < ROWS; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + PREFETCH_ROWS) * K + i), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + PREFETCH_ROWS) * K + i), _MM_HINT_T1);
       wv[r] = r < rows ? _mm512_maskz_loadu_epi16(mask, w + r * K + i) : _mm512_setzero_si512();
     }
     for (int m = 0; m < M; ++m) {
@@ -166,6 +166,18 @@ inline void swiglu_bf16(at::BFloat16* g, const at::BFloat16* u, int64_t count) {
     const at::BFloat16 act(v / (1.0f + std::exp(-v)));
     g[i] = at::BFloat16(static_cast<float>(act) * static_cast<float>(u[i]));
   }
+}
+
+// sum a[i] * b[i] in 16 partial sums: one sequential fp32 chain costs an FMA latency per element.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float part[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) part[j] += a[i + j] * b[i + j];
+  float total = 0;
+  for (int j = 0; j < 16; ++j) total += part[j];
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
 }
 
 inline void check_bf16(const torch::Tensor& t, const char* what) {

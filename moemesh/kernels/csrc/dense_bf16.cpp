@@ -46,8 +46,7 @@ std::vector<torch::Tensor> route_bf16(torch::Tensor x, torch::Tensor router, tor
     at::parallel_for(0, E, 16, [&](int64_t begin, int64_t end) {
       for (int64_t e = begin; e < end; ++e) {
         const float* r = router.data_ptr<float>() + e * D;
-        float logit = 0;
-        for (int64_t i = 0; i < D; ++i) logit += xf[i] * r[i];
+        const float logit = dot(xf.data(), r, D);
         scores[e] = 1.0f / (1.0f + std::exp(-logit));
       }
     });
@@ -97,8 +96,8 @@ torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps) {
   auto yp = y.data_ptr<at::BFloat16>();
   for (int64_t r = 0; r < rows; ++r) {
     const at::BFloat16* xr = xp + r * D;
-    float ss = 0;
-    for (int64_t i = 0; i < D; ++i) ss += static_cast<float>(xr[i]) * static_cast<float>(xr[i]);
+    std::vector<float> xf(xr, xr + D);
+    const float ss = dot(xf.data(), xf.data(), D);
     const float scale = 1.0f / std::sqrt(ss / D + static_cast<float>(eps));
     for (int64_t i = 0; i < D; ++i)
       yp[r * D + i] = at::BFloat16(static_cast<float>(wp[i]) * static_cast<float>(at::BFloat16(static_cast<float>(xr[i]) * scale)));

@@ -232,7 +232,7 @@ void rows_affine(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int r
       for (int m = 0; m < M; ++m)
         for (int t = 0; t < 4; ++t) xt[m][t] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, t) + c * 32);
       for (int r = 0; r < ROWS; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + c * CHUNK_BYTES + PREFETCH_ROWS * rb), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + c * CHUNK_BYTES + PREFETCH_ROWS * rb), _MM_HINT_T1);
         const __m512i v = _mm512_maskz_loadu_epi8(mask, wr[r] + c * CHUNK_BYTES);
         // the four nibbles of each u16 lane, each or'ed into magic: (v >> 4t) & 15 | magic
         const __m512bh n0 = (__m512bh)_mm512_ternarylogic_epi32(v, low4, magic, 0xEA);
@@ -301,7 +301,7 @@ void rows_fp8(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows
         x1[m] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, 1) + i / 2);
       }
       for (int r = 0; r < ROWS; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + i + PREFETCH_ROWS * w.K), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + i + PREFETCH_ROWS * w.K), _MM_HINT_T1);
         __m512i first, second;
         fp8_to_bf16(tables, _mm512_maskz_loadu_epi8(mask, wr[r] + i), first, second);
         for (int m = 0; m < M; ++m) {
