@@ -24,8 +24,8 @@ inline float bf16_to_float(uint16_t b) {
 }
 
 constexpr int ROWS = 4;  // weight rows per inner pass: 4 streams keep the prefetchers busy
-// Software prefetch this many rows ahead: small matrices (an expert's) have rows too short for the
-// hardware prefetchers to ramp up within a row.
+// Software prefetch this many rows ahead, into L2: an expert's rows are too short for the hardware
+// prefetchers to ramp up within a row, and prefetches into L1 would tie up its few miss buffers.
 constexpr int64_t PREFETCH_ROWS = 8;
 
 #if defined(__AVX512BF16__)

@@ -37,7 +37,7 @@ struct Acts {
   const at::BFloat16* raw = nullptr;  // [M, K] as given (scalar paths)
   std::vector<uint16_t> x;          // bf16 [M, streams, width]
   std::vector<float> sums;          // affine: [M, K/group] sum of x per group
-  std::vector<int32_t> lane_group;  // affine: [chunks per 16 groups, 16] group of each fp32 lane (see below)
+  std::vector<int32_t> lane_group;  // affine: [chunks per 16 groups, 16] group of each fp32 lane (see prepare)
   int streams = 0;
   const uint16_t* stream(int64_t m, int t) const { return x.data() + (m * streams + t) * width; }
 };
