@@ -4,6 +4,8 @@
 // region costs a few microseconds.
 #include "quant.h"
 
+#include <memory>
+
 namespace moemesh {
 namespace {
 
@@ -15,7 +17,8 @@ struct Expert {
   QLinear gate, up, down;
   std::vector<std::pair<int64_t, float>> rows;  // (token, weight): the tokens routed here
   std::vector<at::BFloat16> x, g, u, y;         // gathered inputs, gate/up outputs, expert outputs
-  Acts xg, xu, xd;
+  std::shared_ptr<const Acts> xg, xu;           // its inputs arranged for gate and up (shared, see `run`)
+  Acts xd;
 };
 
 void check_mlp(const Expert& e, int64_t D) {
@@ -39,9 +42,28 @@ void add_weighted(at::BFloat16* dst, const at::BFloat16* y, float weight, int64_
     dst[i] = at::BFloat16(static_cast<float>(dst[i]) + static_cast<float>(at::BFloat16(static_cast<float>(y[i]) * weight)));
 }
 
+// An expert's inputs arranged for weight w: experts that see the same tokens and whose weights share a
+// layout share one arrangement (in a decode step of one token, every expert of the layer).
+struct Arrangement {
+  int64_t kind, K, group;
+  std::vector<int64_t> tokens;
+  std::shared_ptr<const Acts> acts;
+};
+
+std::shared_ptr<const Acts> arranged(const QLinear& w, const Expert& e, std::vector<Arrangement>& known) {
+  std::vector<int64_t> tokens;
+  for (const auto& row : e.rows) tokens.push_back(row.first);
+  for (const Arrangement& a : known)
+    if (a.kind == w.kind && a.K == w.K && a.group == w.group && a.tokens == tokens) return a.acts;
+  auto acts = std::make_shared<const Acts>(prepare(w, e.x.data(), static_cast<int64_t>(tokens.size())));
+  known.push_back({w.kind, w.K, w.group, std::move(tokens), acts});
+  return acts;
+}
+
 // out[t] = sum over the experts holding t, in order, of bf16(mlp_e(x[t]) * weight), each addition rounded.
 torch::Tensor run(const torch::Tensor& x, std::vector<Expert>& experts) {
   const int64_t D = x.size(1);
+  std::vector<Arrangement> arrangements;
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   struct Item { size_t expert; int64_t row; };  // MOE_GRAIN rows of gate and up, or of down
   std::vector<Item> up_items, down_items;
@@ -54,16 +76,16 @@ torch::Tensor run(const torch::Tensor& x, std::vector<Expert>& experts) {
     e.g.resize(m * I);
     e.u.resize(m * I);
     e.y.resize(m * D);
-    e.xg = prepare(e.gate, e.x.data(), m);
-    e.xu = prepare(e.up, e.x.data(), m);
+    e.xg = arranged(e.gate, e, arrangements);
+    e.xu = arranged(e.up, e, arrangements);
     for (int64_t row = 0; row < I; row += MOE_GRAIN) up_items.push_back({i, row});
     for (int64_t row = 0; row < D; row += MOE_GRAIN) down_items.push_back({i, row});
   }
   for_each_item(static_cast<int64_t>(up_items.size()), [&](int64_t i) {  // gate and up rows, then their SwiGLU
     Expert& e = experts[up_items[i].expert];
     const int64_t I = e.gate.N, begin = up_items[i].row, end = std::min(I, begin + MOE_GRAIN);
-    linear_rows_q(e.gate, e.xg, e.g.data(), begin, end);
-    linear_rows_q(e.up, e.xu, e.u.data(), begin, end);
+    linear_rows_q(e.gate, *e.xg, e.g.data(), begin, end);
+    linear_rows_q(e.up, *e.xu, e.u.data(), begin, end);
     for (size_t t = 0; t < e.rows.size(); ++t) swiglu_bf16(e.g.data() + t * I + begin, e.u.data() + t * I + begin, end - begin);
   });
   for (Expert& e : experts) e.xd = prepare(e.down, e.g.data(), static_cast<int64_t>(e.rows.size()));
