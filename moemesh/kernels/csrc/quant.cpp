@@ -240,10 +240,10 @@ void rows_affine(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int r
         const __m512bh n2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low4, magic, 0xEA);
         const __m512bh n3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
         const __m512 s = _mm512_permutexvar_ps(lane_group, sv[r]);
-        for (int m = 0; m < M; ++m) {  // two short chains: VDPBF16PS's latency, not its throughput, would bind
-          const __m512 d0 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), n0, xt[m][0]), n1, xt[m][1]);
-          const __m512 d1 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), n2, xt[m][2]), n3, xt[m][3]);
-          acc[m][r] = _mm512_fmadd_ps(_mm512_add_ps(d0, d1), s, acc[m][r]);
+        for (int m = 0; m < M; ++m) {  // one chain per row: the four rows' chains overlap
+          __m512 d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), n0, xt[m][0]), n1, xt[m][1]);
+          d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(d, n2, xt[m][2]), n3, xt[m][3]);
+          acc[m][r] = _mm512_fmadd_ps(d, s, acc[m][r]);
         }
       }
     }
@@ -290,9 +290,9 @@ void rows_fp8(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < w.block_cols; ++kb) {
-    __m512 d[M][ROWS], e[M][ROWS];  // the two halves' products: two chains, for VDPBF16PS's latency
+    __m512 d[M][ROWS];  // the block's products, one chain per row: the four rows' chains overlap
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < ROWS; ++r) d[m][r] = e[m][r] = _mm512_setzero_ps();
+      for (int r = 0; r < ROWS; ++r) d[m][r] = _mm512_setzero_ps();
     for (int64_t i = kb * FP8_BLOCK; i < std::min<int64_t>(w.K, (kb + 1) * FP8_BLOCK); i += CHUNK_BYTES) {
       const __mmask64 mask = tail_mask(w.K - i);
       __m512bh x0[M], x1[M];
@@ -305,14 +305,13 @@ void rows_fp8(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows
         __m512i first, second;
         fp8_to_bf16(tables, _mm512_maskz_loadu_epi8(mask, wr[r] + i), first, second);
         for (int m = 0; m < M; ++m) {
-          d[m][r] = _mm512_dpbf16_ps(d[m][r], (__m512bh)first, x0[m]);
-          e[m][r] = _mm512_dpbf16_ps(e[m][r], (__m512bh)second, x1[m]);
+          d[m][r] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(d[m][r], (__m512bh)first, x0[m]), (__m512bh)second, x1[m]);
         }
       }
     }
     const __m512 s = _mm512_set1_ps(scales[kb]);
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_fmadd_ps(_mm512_add_ps(d[m][r], e[m][r]), s, acc[m][r]);
+      for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_fmadd_ps(d[m][r], s, acc[m][r]);
   }
   for (int m = 0; m < M; ++m) reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * ROWS);
 }
