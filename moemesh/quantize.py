@@ -2,9 +2,11 @@
 checkpoint in the MLX affine format (int4 or int8 groups), which the torch and MLX backends and mlx-lm load.
 
 Tensors stream one at a time from the memory-mapped source into shards of bounded size, so a 700 GB model
-converts in a few GB of memory. Names stay the Hugging Face ones (routed experts one by one, kv_b_proj
-whole); config.json records the format under `quantization` (and its copy `quantization_config`) as
-mlx-lm does, with an entry for every module whose precision differs from the default.
+converts in a few GB of memory. Names stay the Hugging Face ones (routed experts one by one), except that a
+quantized MLA kv_b_proj is written as mlx-lm writes it: split per head into `embed_q` (the key half,
+transposed) and `unembed_out` (the value half), the two products absorbed attention runs, each packed so
+that decode reads it packed. config.json records the format under `quantization` (and its copy
+`quantization_config`) as mlx-lm does, with an entry for every module whose precision differs from the default.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from safetensors.torch import save_file
 from .kernels.fp8 import Fp8Weight, dequantize
 from .model.affine import quantize
 from .model.checkpoint import FP8_DTYPE, Checkpoint, mlx_module
-from .model.config import BITS, GROUP_SIZES
+from .model.config import BITS, GROUP_SIZES, ModelArgs
+from .model.layout import split_kv_b_shapes
 
 PARTS = ("attn", "shared", "experts", "dense", "embed", "head")  # what --keep can name
 KEEP_FULL = 16  # --keep-bits 16: kept parts stay in the source's float format
@@ -49,8 +52,7 @@ class Recipe:
 
 
 def part_of(name: str) -> str | None:
-    """Which part a tensor belongs to, or None for tensors never quantized: norms, biases, the router, and
-    MLA's kv_b_proj (the runtime holds it in the compute dtype, split per head, whatever the checkpoint has)."""
+    """Which part a tensor belongs to, or None for tensors never quantized: norms, biases and the router."""
     if not name.endswith(".weight") or "norm" in name:
         return None
     if name == "model.embed_tokens.weight":
@@ -58,7 +60,7 @@ def part_of(name: str) -> str | None:
     if name == "lm_head.weight" or name.endswith("shared_head.head.weight"):
         return "head"
     if ".self_attn." in name:
-        return None if "kv_b_proj" in name else "attn"
+        return "attn"
     if ".mlp.shared_experts." in name:
         return "shared"
     if ".mlp.experts." in name:
@@ -76,6 +78,16 @@ def _source(ckpt: Checkpoint, name: str) -> torch.Tensor:
         return t
     weight, scale = ckpt.read_linear(name, tuple(t.shape))
     return dequantize(Fp8Weight(weight, scale, ckpt.args.fp8_block), torch.bfloat16)
+
+
+def split_kv_b(args: ModelArgs, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """kv_b_proj [heads*(nope+v), kv_lora] -> mlx-lm's `embed_q` [heads, kv_lora, nope] (the key half,
+    transposed: groups then run along nope, the input of the product it serves) and `unembed_out`
+    [heads, v, kv_lora]."""
+    prefix = name.removesuffix("kv_b_proj.weight")
+    w = w.view(args.num_attention_heads, args.qk_nope_head_dim + args.v_head_dim, args.kv_lora_rank)
+    halves = (w[:, : args.qk_nope_head_dim].transpose(1, 2), w[:, args.qk_nope_head_dim :])
+    return {prefix + k: t.contiguous() for k, t in zip(split_kv_b_shapes(args), halves)}
 
 
 class ShardWriter:
@@ -129,19 +141,23 @@ def convert(src: str | Path, dst: str | Path, recipe: Recipe, max_shard_bytes: i
         t = _source(ckpt, name)
         part = part_of(name)
         bits = recipe.bits_for(part) if part else None
-        module = mlx_module(name.removesuffix(".weight"))
-        if bits is None or bits == KEEP_FULL or t.dim() != 2 or t.shape[1] % recipe.group_size:
-            out.add(name, t)
-            if part:  # a linear module left unquantized: mlx-lm's loader must not expect scales
-                quant[module] = False
-        else:
-            words, scales = quantize(t, bits, recipe.group_size)
-            stem = name.removesuffix("weight")
-            out.add(stem + "weight", words)
-            out.add(stem + "scales", scales.scales)
-            out.add(stem + "biases", scales.biases)
-            if bits != recipe.bits:
-                quant[module] = {"group_size": recipe.group_size, "bits": bits, "mode": "affine"}
+        pieces = {name: t}
+        if bits not in (None, KEEP_FULL) and name.endswith("kv_b_proj.weight"):
+            pieces = split_kv_b(ckpt.args, name, t)
+        for piece, w in pieces.items():
+            module = mlx_module(piece.removesuffix(".weight"))
+            if bits is None or bits == KEEP_FULL or w.dim() < 2 or w.shape[-1] % recipe.group_size:
+                out.add(piece, w)
+                if part:  # a linear module left unquantized: mlx-lm's loader must not expect scales
+                    quant[module] = False
+            else:
+                words, scales = quantize(w, bits, recipe.group_size)
+                stem = piece.removesuffix("weight")
+                out.add(stem + "weight", words)
+                out.add(stem + "scales", scales.scales)
+                out.add(stem + "biases", scales.biases)
+                if bits != recipe.bits:
+                    quant[module] = {"group_size": recipe.group_size, "bits": bits, "mode": "affine"}
         if progress:
             progress(name, i + 1, len(names))
     out.finish()

@@ -126,12 +126,58 @@ def test_fused_mlp_and_experts_match_the_unfused_path():
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_bf16_model_with_and_without_kernels(tmp_path, bits):
-    """Decode steps (kernels) and prefill (kernel-dequantized tiles) against torch's dequantize-and-multiply."""
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (8, 32)])
+def test_packed_heads_in_mla_decode(bits, group):
+    """MLA's W_UK and W_UV packed as mlx-lm stores them (`embed_q`, `unembed_out`): the decode kernel against
+    torch's attention over the dequantized heads. Cache rows must agree bit for bit."""
+    from moemesh.kernels.base import AttentionWeights
+    from moemesh.model.affine import AffineScales
+    from moemesh.model.cache import KVCache, Segment
+
+    heads, nope, kv_lora, v = 3, group, 2 * group, group
+    args = args_from_dict(dict(model_type="deepseek_v3", vocab_size=64, hidden_size=96, intermediate_size=64,
+                               num_hidden_layers=1, num_attention_heads=heads, kv_lora_rank=kv_lora, q_lora_rank=None,
+                               qk_nope_head_dim=nope, qk_rope_head_dim=16, v_head_dim=v, moe_intermediate_size=32,
+                               n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1))
+    fast, plain = TorchBackend(args, "bfloat16"), TorchBackend(args, "bfloat16")
+    plain.kernels = None
+
+    def packed(*shape):  # [heads, out, in] as stored: uint32 words, scales and biases per group of `in`
+        words, s = quantize(torch.randn(*shape, generator=gen) * 0.2, bits, group)
+        return words, AffineScales(s.scales.bfloat16(), s.biases.bfloat16(), bits, group)
+
+    w_uk, w_uv = fast.absorbed_heads(packed(heads, kv_lora, nope), packed(heads, v, kv_lora))
+    assert isinstance(w_uk, AffineWeight) and w_uk.nbytes < 2 * heads * kv_lora * nope  # stays packed
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).bfloat16()
+
+    w = AttentionWeights(q_proj=rand(heads * (nope + 16), 96, scale=0.1), q_a_proj=None, q_a_bias=None, q_a_norm=None,
+                         q_b_proj=None, kv_a_proj=rand(kv_lora + 16, 96, scale=0.1), kv_a_bias=None,
+                         kv_a_norm=rand(kv_lora), w_uk=w_uk, w_uv=w_uv, o_proj=rand(96, heads * v, scale=0.1), o_bias=None)
+    caches = {b: KVCache(b, args.kv_cache_width, capacity=8) for b in (fast, plain)}
+    prompt = rand(12, 96)
+    for b in (fast, plain):  # the prompt: the torch path (dequantized heads) in both
+        b.attention(w, prompt, b.step([Segment(caches[b], 0, 12)]), 0)
+        caches[b].length = 12
+    for start, n in [(12, 1), (13, 3)]:
+        x = rand(n, 96)
+        out = {b: b.attention(w, x, b.step([Segment(caches[b], start, n)]), 0) for b in (fast, plain)}
+        for c in caches.values():
+            c.length = start + n
+        assert torch.equal(caches[fast].buffers[0][: start + n], caches[plain].buffers[0][: start + n])
+        want = out[plain].float()
+        assert ((out[fast].float() - want).abs() <= 0.02 * want.abs().max()).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits, group", [(4, 64), (8, 32)])
+def test_quantized_bf16_model_with_and_without_kernels(tmp_path, bits, group):
+    """Decode steps (kernels) and prefill (kernel-dequantized tiles) against torch's dequantize-and-multiply.
+    With groups of 32 every MLA head weight is packed too; with 64, W_UK (32 wide) stays dense (as mlx-lm does)."""
     from test_quantization import hf_checkpoint
 
-    convert(hf_checkpoint(tmp_path / "hf"), tmp_path / "q", Recipe(bits=bits, group_size=64))
+    convert(hf_checkpoint(tmp_path / "hf"), tmp_path / "q", Recipe(bits=bits, group_size=group))
     fast = moemesh.load(tmp_path / "q", dtype="bfloat16")
     plain = moemesh.load(tmp_path / "q", dtype="bfloat16")
     plain.backend.kernels = None

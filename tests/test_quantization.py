@@ -144,12 +144,16 @@ def test_bf16_mlx_lm_checkpoint_within_bf16_noise(hf_dir, tmp_path):
 
 @needs_mlx
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_quantize_tool_output_matches_mlx_lm(hf_dir, tmp_path, backend):
-    """Our quantizer's checkpoint (Hugging Face names, mixed 4/8 bits) loads in mlx-lm, with the same logits."""
-    convert(hf_dir, tmp_path / "q", Recipe(bits=4, group_size=64, keep=frozenset({"attn", "shared"})))
+@pytest.mark.parametrize("group", [64, 32])
+def test_quantize_tool_output_matches_mlx_lm(hf_dir, tmp_path, backend, group):
+    """Our quantizer's checkpoint (Hugging Face names, mixed 4/8 bits) loads in mlx-lm, with the same logits.
+    kv_b_proj is split as mlx-lm splits it; with groups of 64 its key half (32 wide) stays dense, as mlx-lm's own."""
+    convert(hf_dir, tmp_path / "q", Recipe(bits=4, group_size=group, keep=frozenset({"attn", "shared"})))
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization"]["bits"] == 4 and cfg["quantization_config"] == cfg["quantization"]
     assert cfg["quantization"]["model.layers.1.self_attn.o_proj"]["bits"] == 8
+    assert cfg["quantization"]["model.layers.1.self_attn.unembed_out"]["bits"] == 8
+    assert (cfg["quantization"].get("model.layers.1.self_attn.embed_q") is False) == (group == 64)
     engine = moemesh.load(tmp_path / "q", backend=backend, dtype="float32")
     assert np.abs(engine.logits(IDS.tolist()).numpy() - mlx_lm_logits(tmp_path / "q")).max() <= 1e-4
 
@@ -171,7 +175,12 @@ def test_quantize_tool_from_fp8_and_unquantized_parts(hf_dir, tmp_path):
     words, s = quantize(reference[name + "weight"].bfloat16(), 8, 32)
     assert torch.equal(tensors[name + "weight"], words) and torch.equal(tensors[name + "scales"], s.scales)
     assert tensors["model.embed_tokens.weight"].dtype == torch.float32  # kept as the source had it
-    assert "model.layers.0.self_attn.kv_b_proj.scales" not in tensors  # held in the compute dtype anyway
+    attn = "model.layers.0.self_attn."  # kv_b_proj split per head as mlx-lm splits it, both halves packed
+    heads, nope = json.loads((hf_dir / "config.json").read_text())["num_attention_heads"], DIMS["qk_nope_head_dim"]
+    key_half = reference[attn + "kv_b_proj.weight"].bfloat16().view(heads, nope + DIMS["v_head_dim"], -1)[:, :nope]
+    words, s = quantize(key_half.transpose(1, 2), 8, 32)
+    assert attn + "kv_b_proj.weight" not in tensors and torch.equal(tensors[attn + "embed_q.weight"], words)
+    assert torch.equal(tensors[attn + "embed_q.biases"], s.biases)
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert "quant_method" not in cfg["quantization_config"] and cfg["quantization"]["model.embed_tokens"] is False
     engine = moemesh.load(tmp_path / "q", dtype="float32")

@@ -20,7 +20,7 @@ import torch
 
 from ..kernels import get_backend
 from ..model.checkpoint import Checkpoint, CheckpointError, fingerprint
-from ..model.layout import attention_shapes
+from ..model.layout import split_kv_b_shapes
 from ..model.engine import eos_ids
 from ..model.generate import Sampling
 from ..model.model import Transformer
@@ -377,16 +377,16 @@ class CoordinatorServer(rpc.CoordinatorServicer, rpc.PipelineServicer):
 def shard_tensors(ckpt: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
     """What a worker without the files needs for these (Hugging Face) names, in a form its Checkpoint reads:
     each tensor as stored with its companions (FP8 block scales, affine scales and biases; experts that
-    mlx-lm stacks come as rows), or rebuilt where the checkpoint splits it (mlx-lm's kv_b_proj)."""
+    mlx-lm stacks come as rows; a kv_b_proj stored split, as its two halves)."""
     out = {}
     for name in names:
-        stem = name.removesuffix("weight")
-        if not ckpt.has(name):
-            shape = attention_shapes(ckpt.args)["kv_b_proj.weight"] if name.endswith("kv_b_proj.weight") else None
-            if shape is None:
-                raise CheckpointError(f"{ckpt.path}: the checkpoint has no tensor '{name}'")
-            out[name], _ = ckpt.read_linear(name, shape)
+        if not ckpt.has(name) and name.endswith("kv_b_proj.weight"):
+            prefix = name.removesuffix("kv_b_proj.weight")
+            out |= shard_tensors(ckpt, [prefix + half for half in split_kv_b_shapes(ckpt.args)])
             continue
+        if not ckpt.has(name):
+            raise CheckpointError(f"{ckpt.path}: the checkpoint has no tensor '{name}'")
+        stem = name.removesuffix("weight")
         out[name] = ckpt.read_raw(name).contiguous()
         for companion in ("weight_scale_inv", "scales", "biases"):
             if name.endswith("weight") and ckpt.has(stem + companion):

@@ -41,8 +41,8 @@ class AttentionWeights:
     kv_a_proj: Weight  # [kv_lora + rope, hidden]
     kv_a_bias: Array | None
     kv_a_norm: Array  # [kv_lora]
-    w_uk: Array  # [heads, kv_lora, nope]: kv_b_proj's key half (transposed), folded into the query
-    w_uv: Array  # [heads, v, kv_lora]: kv_b_proj's value half, folded into the output
+    w_uk: Weight  # [heads, kv_lora, nope]: kv_b_proj's key half (transposed), folded into the query
+    w_uv: Weight  # [heads, v, kv_lora]: kv_b_proj's value half, folded into the output
     o_proj: Weight  # [hidden, heads*v]
     o_bias: Array | None
 
@@ -55,7 +55,9 @@ class Backend(Protocol):
     # `scales`: None (a float weight), FP8 block scales, or model.affine.AffineScales (MLX int4/int8)
     def linear_weight(self, weight: Any, scales: Any | None) -> Weight: ...
     def vector(self, t: Any, fp32: bool = False) -> Array: ...
-    def absorbed_kv_b(self, weight: Any, scales: Any | None) -> tuple[Array, Array]: ...
+    def absorbed_kv_b(self, weight: Any, scales: Any | None) -> tuple[Weight, Weight]: ...
+    # kv_b_proj split as mlx-lm stores it: (weight, scales) per half, dense or packed
+    def absorbed_heads(self, w_uk: tuple[Any, Any | None], w_uv: tuple[Any, Any | None]) -> tuple[Weight, Weight]: ...
 
     # arrays
     def tokens(self, ids: list[int]) -> Array: ...

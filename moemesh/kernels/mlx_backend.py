@@ -122,6 +122,10 @@ class MlxBackend:
         w = w.astype(self.dtype).reshape(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
         return mx.contiguous(w[:, : a.qk_nope_head_dim].transpose(0, 2, 1)), mx.contiguous(w[:, a.qk_nope_head_dim :])
 
+    def absorbed_heads(self, w_uk: tuple[torch.Tensor, AffineScales | None], w_uv: tuple[torch.Tensor, AffineScales | None]):
+        """mlx-lm's split halves as stored: [heads, out, in], dense or packed (as mlx-lm's QuantizedMultiLinear)."""
+        return self.linear_weight(*w_uk), self.linear_weight(*w_uv)
+
     # ---- arrays
     def tokens(self, ids: list[int]) -> mx.array:
         return mx.array(ids, dtype=mx.int32)
@@ -174,9 +178,14 @@ class MlxBackend:
         g = self.linear(x, w.gate)
         return self.linear((g * mx.sigmoid(g.astype(mx.float32)).astype(g.dtype)) * self.linear(x, w.up), w.down)
 
-    def linear_heads(self, x: mx.array, w: mx.array) -> mx.array:
-        """Per-head linear: x [n, heads, in], w [heads, out, in] -> [n, heads, out]."""
-        return (x.transpose(1, 0, 2) @ w.transpose(0, 2, 1)).transpose(1, 0, 2)
+    def linear_heads(self, x: mx.array, w: mx.array | MlxAffine) -> mx.array:
+        """Per-head linear: x [n, heads, in], w [heads, out, in] (dense or packed) -> [n, heads, out]."""
+        x = x.transpose(1, 0, 2)
+        if isinstance(w, MlxAffine):
+            y = mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True, group_size=w.group_size, bits=w.bits)
+        else:
+            y = x @ w.transpose(0, 2, 1)
+        return y.transpose(1, 0, 2)
 
     def attention(self, w: AttentionWeights, x: mx.array, step: Step, layer: int) -> mx.array:
         """MLA in the absorbed form; the cache holds [normalized latent | roped key] per token."""

@@ -23,6 +23,7 @@ from .fp8 import Fp8Weight, dequantize, scaled_mm_linear, scaled_mm_supported
 from .quant_ops import kernel_args, quantized_linear
 
 Weight = torch.Tensor | Fp8Weight | AffineWeight
+HeadsWeight = torch.Tensor | AffineWeight  # per-head weights: [heads, out, in], or packed [heads * out, in]
 # Up to this many tokens a step is a decode step: matrix-vector work bound by reading the weights.
 DECODE_TOKENS = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,8 +113,9 @@ class TorchBackend:
     def absorbed_kv_b(self, weight: torch.Tensor, scales: torch.Tensor | AffineScales | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Split kv_b_proj [heads*(nope+v), kv_lora] into per-head linear weights ([out, in], like every
         weight here): W_UK^T [heads, kv_lora, nope] takes a query to the latent space, W_UV [heads, v, kv_lora]
-        takes an attended latent to values. They stay in the compute dtype: the absorbed form needs them
-        per head (~0.15% of a DeepSeek-V3 layer's weights)."""
+        takes an attended latent to values. They take the compute dtype: the key half must be transposed
+        (~0.15% of a DeepSeek-V3 layer's weights). Checkpoints that store the halves split (mlx-lm's) keep
+        them packed: see `absorbed_heads`."""
         a = self.args
         if isinstance(scales, AffineScales):
             weight = to_dense(affine_weight(weight, scales, torch.float32, weight.device), torch.float32)
@@ -124,10 +126,25 @@ class TorchBackend:
         w_uv = w[:, a.qk_nope_head_dim :].contiguous().to(self.device)
         return w_uk, w_uv
 
-    def linear_heads(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Per-head linear: x [n, heads, in], w [heads, out, in] -> [n, heads, out]."""
-        if self.kernels is not None and x.shape[0] <= DECODE_TOKENS:
-            return self.kernels.linear_heads_bf16(x, w)
+    def absorbed_heads(self, w_uk: tuple[torch.Tensor, AffineScales | None],
+                       w_uv: tuple[torch.Tensor, AffineScales | None]) -> tuple[HeadsWeight, HeadsWeight]:
+        """mlx-lm's split of kv_b_proj, each half as stored: dense [heads, out, in] in the compute dtype, or
+        packed with its heads stacked ([heads * out, in], one AffineWeight) so the kernels read it packed."""
+        def resident(weight: torch.Tensor, scales: AffineScales | None) -> HeadsWeight:
+            if scales is None:
+                return weight.to(self.device, self.dtype)
+            flat = AffineScales(scales.scales.flatten(0, 1), scales.biases.flatten(0, 1), scales.bits, scales.group_size)
+            return affine_weight(weight.flatten(0, 1), flat, self.dtype, self.device)
+
+        return resident(*w_uk), resident(*w_uv)
+
+    def linear_heads(self, x: torch.Tensor, w: HeadsWeight) -> torch.Tensor:
+        """Per-head linear: x [n, heads, in], w [heads, out, in] (or packed, heads stacked) -> [n, heads, out]."""
+        args = _head_args(w) if self.kernels is not None and x.shape[0] <= DECODE_TOKENS else None
+        if args is not None:
+            return self.kernels.linear_heads_q(x, args)
+        if isinstance(w, AffineWeight):
+            w = to_dense(w, x.dtype).view(x.shape[1], -1, x.shape[2])
         return torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
 
     # ---- arrays
@@ -226,21 +243,22 @@ class TorchBackend:
         q_nope, q_pe = q.view(n, heads, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         kv = self.linear(x, w.kv_a_proj, w.kv_a_bias)  # [n, kv_lora + rope]
         rows = torch.cat([self.rms_norm(kv[:, :kv_lora], w.kv_a_norm, a.rms_norm_eps), kv[:, kv_lora:]], dim=-1)
-        if self.kernels is not None and x.dtype == torch.bfloat16 and max(s.length for s in step.segments) <= DECODE_TOKENS:
-            values = self._attend_kernel(w, q_nope, q_pe, rows, step, layer)
+        kernel_heads = (_head_args(w.w_uk), _head_args(w.w_uv)) if self._decode_kernels(x) else None
+        if kernel_heads is not None and None not in kernel_heads and max(s.length for s in step.segments) <= DECODE_TOKENS:
+            values = self._attend_kernel(kernel_heads, q_nope, q_pe, rows, step, layer)
         else:
             values = self._attend(w, q_nope, q_pe, rows, step, layer)
         return self.linear(values.reshape(n, heads * a.v_head_dim), w.o_proj, w.o_bias)
 
-    def _attend_kernel(self, w: AttentionWeights, q_nope, q_pe, rows, step: Step, layer: int) -> torch.Tensor:
-        """Decode steps: one fused C++ call per request (see csrc/mla_bf16.cpp)."""
+    def _attend_kernel(self, heads: tuple[tuple, tuple], q_nope, q_pe, rows, step: Step, layer: int) -> torch.Tensor:
+        """Decode steps: one fused C++ call per request (see csrc/mla.cpp); heads = W_UK's and W_UV's kernel args."""
         a, parts, offset = self.args, [], 0
         for seg in step.segments:
             span = slice(offset, offset + seg.length)
             cache = seg.cache.buffer(layer, seg.start + seg.length)
-            parts.append(self.kernels.mla_decode_bf16(
+            parts.append(self.kernels.mla_decode(
                 q_nope[span], q_pe[span], rows[span], step.cos[span], step.sin[span], cache, seg.start,
-                w.w_uk, w.w_uv, a.softmax_scale, a.rope_interleave))
+                *heads, a.softmax_scale, a.rope_interleave))
             offset += seg.length
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -356,3 +374,8 @@ class TorchBackend:
         for j in range(1, k):
             out = out + pairs[:, j]
         return out
+
+
+def _head_args(w: HeadsWeight) -> tuple | None:
+    """The kernels' view of per-head weights: the heads stacked as one [heads * out, in] weight."""
+    return kernel_args(w.view(-1, w.shape[-1]) if isinstance(w, torch.Tensor) else w)

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .affine import AffineScales, dequantize
+from .affine import AffineScales
 from .config import ConfigError, ModelArgs, args_from_dict, load_config
+from .layout import split_kv_b_shapes
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP8_DTYPE = torch.float8_e4m3fn
@@ -150,13 +151,10 @@ class Checkpoint:
     def read_linear(self, name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, Scales]:
         """A linear weight `name` ([out, in]) and what dequantizes it: None for a float weight; for FP8 its block
         scales `<stem>.weight_scale_inv`; for the MLX affine format (packed uint32 `weight`) its `<stem>.scales`
-        and `<stem>.biases`. MLA's kv_b_proj is rebuilt from mlx-lm's split form (see `_kv_b_from_mlx`)."""
+        and `<stem>.biases`."""
         stem = name.removesuffix("weight")
         if self.has(stem + "scales"):
             return self._read_affine(name, shape)
-        attn = name.removesuffix("kv_b_proj.weight")
-        if attn != name and not self.has(name) and self.has(attn + "embed_q.weight"):
-            return self._kv_b_from_mlx(attn), None
         weight = self.read(name, shape)
         if weight.dtype != FP8_DTYPE:
             return weight, None
@@ -211,18 +209,15 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: '{stem}{part}' holds non-finite values")
         return weight, AffineScales(scales, biases, bits, group)
 
-    def _kv_b_from_mlx(self, prefix: str) -> torch.Tensor:
-        """kv_b_proj [heads*(nope+v), kv_lora] (float32) from mlx-lm's split: `embed_q` [heads, kv_lora, nope]
-        (the key half, transposed) and `unembed_out` [heads, v, kv_lora], each dense or affine-quantized."""
-        a = self.args
-        w_uk = self._read_dense(prefix + "embed_q.weight", (a.num_attention_heads, a.kv_lora_rank, a.qk_nope_head_dim))
-        w_uv = self._read_dense(prefix + "unembed_out.weight", (a.num_attention_heads, a.v_head_dim, a.kv_lora_rank))
-        return torch.cat([w_uk.transpose(1, 2), w_uv], dim=1).flatten(0, 1)
-
-    def _read_dense(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if self.has(name.removesuffix("weight") + "scales"):
-            return dequantize(*self._read_affine(name, shape))
-        return self.read(name, shape).float()
+    def read_split_kv_b(self, prefix: str) -> tuple[tuple[torch.Tensor, Scales], tuple[torch.Tensor, Scales]] | None:
+        """MLA's kv_b_proj as mlx-lm stores it (and `moemesh quantize` writes it when quantizing attention), or
+        None where the checkpoint has kv_b_proj whole: `embed_q` [heads, kv_lora, nope] (the key half, transposed)
+        and `unembed_out` [heads, v, kv_lora], each dense or affine-packed, as stored."""
+        if self.has(prefix + "kv_b_proj.weight") or not self.has(prefix + "embed_q.weight"):
+            return None
+        halves = split_kv_b_shapes(self.args)
+        return tuple(self._read_affine(prefix + name, shape) if self.has(prefix + name.removesuffix("weight") + "scales")
+                     else (self.read(prefix + name, shape), None) for name, shape in halves.items())
 
 
 Scales = torch.Tensor | AffineScales | None  # FP8 block scales, MLX affine scales and biases, or none

@@ -33,6 +33,13 @@ def attention_shapes(a: ModelArgs) -> dict[str, Shape]:
     return shapes
 
 
+def split_kv_b_shapes(a: ModelArgs) -> dict[str, Shape]:
+    """kv_b_proj as mlx-lm stores it (and `moemesh quantize` writes it quantized): per head, the key half
+    transposed and the value half, the two products of absorbed MLA."""
+    h = a.num_attention_heads
+    return {"embed_q.weight": (h, a.kv_lora_rank, a.qk_nope_head_dim), "unembed_out.weight": (h, a.v_head_dim, a.kv_lora_rank)}
+
+
 def mlp_shapes(hidden: int, intermediate: int) -> dict[str, Shape]:
     """A SwiGLU MLP: the dense FFN, one routed expert, or the shared experts (fused)."""
     return {

@@ -58,7 +58,9 @@ def _attention(ckpt: Checkpoint, backend: Backend, prefix: str) -> AttentionWeig
         return backend.vector(ckpt.read(prefix + name, shapes[prefix + name])) if prefix + name in shapes else None
 
     lora = ckpt.args.q_lora_rank is not None
-    w_uk, w_uv = backend.absorbed_kv_b(*ckpt.read_linear(prefix + "kv_b_proj.weight", shapes[prefix + "kv_b_proj.weight"]))
+    split = ckpt.read_split_kv_b(prefix)
+    w_uk, w_uv = backend.absorbed_heads(*split) if split else backend.absorbed_kv_b(
+        *ckpt.read_linear(prefix + "kv_b_proj.weight", shapes[prefix + "kv_b_proj.weight"]))
     return AttentionWeights(
         q_proj=None if lora else linear("q_proj.weight"),
         q_a_proj=linear("q_a_proj.weight") if lora else None,

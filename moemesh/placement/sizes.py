@@ -7,12 +7,15 @@ The one place where weight formats are turned into bytes (docs/placement.md, "By
 | 2-D linear weight [out, in]             | 2    | 1 + f32 scale per 128x128 block   | bits/8 + (bf16 scale + bias)/group|
 | embed_tokens, lm_head                   | 2    | 2 (kept bf16)                     | quantized (default, like mlx-lm) or 2 |
 | router `mlp.gate.weight`                | 4    | 4 (held f32)                      | 4 (held f32)                      |
-| MLA `kv_b_proj` (absorbed, per head)    | 2    | 2 (held in the compute dtype)     | 2 (held in the compute dtype)     |
+| MLA `kv_b_proj` (absorbed, per head)    | 2    | 2 (held in the compute dtype)     | quantized, split per head (below) |
 | 1-D (norms, biases)                     | 2    | 2                                 | 2                                 |
 | `e_score_correction_bias`               | 4    | 4                                 | 4                                 |
 
 bytes per param for an int format = bits/8 + 4/group_size (0.5625 for int4 with groups of 64).
-Groups run along the input dimension, as in `mx.quantize`: out * ceil(in / group) groups.
+Groups run along the input dimension, as in `mx.quantize`: out * in / group groups; a weight whose input
+is not whole groups stays in the compute dtype (2), as mlx-lm and `moemesh quantize` leave it. A quantized
+`kv_b_proj` is stored split per head as mlx-lm stores it: `embed_q` [heads, kv_lora, nope] (inputs: nope)
+and `unembed_out` [heads, v, kv_lora].
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from functools import reduce
 from operator import mul
 
 from ..model.config import ModelArgs
-from ..model.layout import Shape, attention_shapes, head_shapes, mlp_shapes, mtp_head_shapes, router_shapes
+from ..model.layout import (Shape, attention_shapes, head_shapes, mlp_shapes, mtp_head_shapes, router_shapes,
+                            split_kv_b_shapes)
 
 QUANTS = ("bf16", "fp8", "int4", "int8", "fp32")  # fp32: bf16 checkpoints run in float32
 ACTIVATION_BYTES = 2  # hidden states travel between nodes in bf16
@@ -53,8 +57,9 @@ class WeightFormat:
         if self.name == "fp8":
             bo, bi = self.fp8_block
             return out * inp + 4 * math.ceil(out / bo) * math.ceil(inp / bi)
-        groups = out * math.ceil(inp / self.group_size)
-        return out * inp * self.bits // 8 + groups * 2 * 2  # bf16 scale + bf16 bias per group
+        if inp % self.group_size:
+            return 2 * out * inp
+        return out * inp * self.bits // 8 + out * inp // self.group_size * 2 * 2  # bf16 scale + bias per group
 
     def embedding_bytes(self, shape: Shape) -> int:
         if self.name in ("int4", "int8") and self.quantize_embeddings:
@@ -140,7 +145,11 @@ class ModelSizes:
 
 def _layer_parts(a: ModelArgs, layer: int, fmt: WeightFormat) -> LayerSize:
     dense = {"input_layernorm.weight": (a.hidden_size,), "post_attention_layernorm.weight": (a.hidden_size,)}
-    dense |= {"self_attn." + k: v for k, v in attention_shapes(a).items()}
+    attention = attention_shapes(a)
+    if fmt.name in ("int4", "int8"):  # kv_b_proj quantized: split per head, each half's heads stacked
+        del attention["kv_b_proj.weight"]
+        attention |= {k: (s[0] * s[1], s[2]) for k, s in split_kv_b_shapes(a).items()}
+    dense |= {"self_attn." + k: v for k, v in attention.items()}
     moe = a.is_moe_layer(layer)
     if not moe:
         dense |= {"mlp." + k: v for k, v in mlp_shapes(a.hidden_size, a.intermediate_size).items()}

@@ -3,15 +3,15 @@
 
 namespace moemesh {
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w);
-torch::Tensor linear_heads_bf16(torch::Tensor x, torch::Tensor w);
 std::vector<torch::Tensor> route_bf16(torch::Tensor x, torch::Tensor router, torch::Tensor bias, int64_t n_group,
                                       int64_t topk_group, int64_t top_k, bool norm_topk_prob, double scaling);
 torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
-torch::Tensor mla_decode_bf16(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor rows, torch::Tensor cos,
-                              torch::Tensor sin, torch::Tensor cache, int64_t start, torch::Tensor w_uk,
-                              torch::Tensor w_uv, double scale, bool interleave);
 using QArgs = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t>;
+torch::Tensor mla_decode(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor rows, torch::Tensor cos,
+                         torch::Tensor sin, torch::Tensor cache, int64_t start, QArgs w_uk, QArgs w_uv, double scale,
+                         bool interleave);
 torch::Tensor linear_q(torch::Tensor x, QArgs weight);
+torch::Tensor linear_heads_q(torch::Tensor x, QArgs weight);
 torch::Tensor mlp_q(torch::Tensor x, QArgs gate, QArgs up, QArgs down);
 torch::Tensor experts_q(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, std::vector<int64_t> expert_ids,
                         std::vector<QArgs> gates, std::vector<QArgs> ups, std::vector<QArgs> downs,
@@ -21,12 +21,12 @@ torch::Tensor dequantize_q(QArgs weight, int64_t row_begin, int64_t row_end);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &moemesh::linear_bf16, "y = x @ w.T for a few bf16 tokens");
-  m.def("linear_heads_bf16", &moemesh::linear_heads_bf16, "per-head y[:, h] = w[h] @ x[:, h] for a few bf16 tokens");
   m.def("route_bf16", &moemesh::route_bf16, "DeepSeek-V3 grouped sigmoid routing for a few bf16 tokens");
   m.def("rms_norm_bf16", &moemesh::rms_norm_bf16, "RMSNorm of bf16 rows");
   m.def("linear_q", &moemesh::linear_q, "y = x @ w.T for a few bf16 tokens; w bf16, FP8 (128x128 blocks) or int4/int8 affine");
+  m.def("linear_heads_q", &moemesh::linear_heads_q, "per-head y[:, h] = x[:, h] @ w_h.T for a few bf16 tokens; heads stacked in w");
   m.def("mlp_q", &moemesh::mlp_q, "SwiGLU MLP for a few bf16 tokens; weights in any linear_q format");
   m.def("experts_q", &moemesh::experts_q, "a MoE layer (routed + shared experts) for a few bf16 tokens; weights in any linear_q format");
   m.def("dequantize_q", &moemesh::dequantize_q, "rows of a linear_q weight as bf16");
-  m.def("mla_decode_bf16", &moemesh::mla_decode_bf16, "MLA decode attention (absorbed form) for one request");
+  m.def("mla_decode", &moemesh::mla_decode, "MLA decode attention (absorbed form) for one request");
 }

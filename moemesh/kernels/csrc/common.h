@@ -147,18 +147,6 @@ inline void linear_into(const at::BFloat16* x, const at::BFloat16* w, int64_t M,
   });
 }
 
-// Per head h: y[h] [n, N] = x[h] [n, K] @ w[h] [N, K]^T, all heads in one parallel region.
-inline void linear_per_head(const at::BFloat16* x, const at::BFloat16* w, int64_t H, int64_t n, int64_t N, int64_t K,
-                            at::BFloat16* y) {
-  const int64_t per_head = (N + ROW_GRAIN - 1) / ROW_GRAIN;
-  at::parallel_for(0, H * per_head, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t h = item / per_head, r = (item % per_head) * ROW_GRAIN;
-      linear_rows(x + h * n * K, w + h * N * K, n, N, K, y + h * n * N, r, std::min(N, r + ROW_GRAIN));
-    }
-  });
-}
-
 // g[i] = bf16(bf16(silu(g[i])) * u[i]): SwiGLU with the reference's rounding points (silu output, product).
 inline void swiglu_bf16(at::BFloat16* g, const at::BFloat16* u, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {

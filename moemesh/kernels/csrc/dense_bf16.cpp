@@ -1,4 +1,4 @@
-// Dense bf16 decode ops: linear, per-head linear (MLA's absorbed products), routing, RMSNorm.
+// Dense bf16 decode ops: linear, routing, RMSNorm.
 #include "common.h"
 
 namespace moemesh {
@@ -13,18 +13,6 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
   linear_into(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), x.size(0), w.size(0), x.size(1),
               y.data_ptr<at::BFloat16>());
   return y;
-}
-
-// Per-head products of MLA's absorbed form: y[n, h, :] = w[h] @ x[n, h, :], x [n, H, K], w [H, N, K].
-torch::Tensor linear_heads_bf16(torch::Tensor x, torch::Tensor w) {
-  x = x.transpose(0, 1).contiguous();  // [H, n, K]: each head's tokens back to back
-  check_bf16(x, "linear_heads_bf16 x");
-  check_bf16(w, "linear_heads_bf16 w");
-  const int64_t H = x.size(0), n = x.size(1), K = x.size(2), N = w.size(1);
-  TORCH_CHECK(w.dim() == 3 && w.size(0) == H && w.size(2) == K, "linear_heads_bf16: shapes ", x.sizes(), " ", w.sizes());
-  auto y = torch::empty({H, n, N}, x.options());
-  linear_per_head(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), H, n, N, K, y.data_ptr<at::BFloat16>());
-  return y.transpose(0, 1);
 }
 
 // DeepSeek-V3 routing for a few tokens: sigmoid scores of the fp32 router; the correction bias shifts

@@ -42,6 +42,19 @@ QLinear qlinear(const QArgs& args, const char* what) {
   return q;
 }
 
+QLinear row_slice(const QLinear& w, int64_t begin, int64_t count) {
+  TORCH_CHECK(w.kind != KIND_FP8, "row_slice: FP8 weights are sliced in whole 128-row blocks only");
+  TORCH_CHECK(0 <= begin && begin + count <= w.N, "row_slice: rows ", begin, "..", begin + count, " of ", w.N);
+  QLinear s = w;
+  s.N = count;
+  s.w = w.w + begin * w.row_bytes();
+  if (w.kind != KIND_BF16) {
+    s.scales = w.scales + begin * w.groups();
+    s.biases = w.biases + begin * w.groups();
+  }
+  return s;
+}
+
 // e4m3 byte -> float, exactly (the scalar paths' table).
 struct Fp8Table {
   float value[256];
@@ -358,6 +371,27 @@ void linear_q_into(const QLinear& w, const at::BFloat16* x, int64_t M, at::BFloa
   at::parallel_for(0, (w.N + ROW_GRAIN - 1) / ROW_GRAIN, 1, [&](int64_t begin, int64_t end) {
     linear_rows_q(w, xs, y, begin * ROW_GRAIN, std::min(w.N, end * ROW_GRAIN));
   });
+}
+
+void linear_heads_into(const QLinear& w, int64_t H, const at::BFloat16* x, int64_t n, at::BFloat16* y) {
+  TORCH_CHECK(w.N % H == 0, "linear_heads: ", w.N, " weight rows are not ", H, " heads");
+  const int64_t N = w.N / H;
+  for_each_item(H, [&](int64_t h) {  // a head's rows are one item: its activations are arranged once
+    const QLinear head = row_slice(w, h * N, N);
+    linear_rows_q(head, prepare(head, x + h * n * w.K, n), y + h * n * N, 0, N);
+  });
+}
+
+// MLA's absorbed per-head products: y[:, h] = x[:, h] @ w_h^T for x [n, H, K], w [H*N, K] (the heads stacked).
+torch::Tensor linear_heads_q(torch::Tensor x, QArgs weight) {
+  const QLinear w = qlinear(weight, "linear_heads_q");
+  TORCH_CHECK(x.dim() == 3 && x.size(2) == w.K, "linear_heads_q: x ", x.sizes(), " for a weight of ", w.K, " inputs");
+  const int64_t H = x.size(1), n = x.size(0);
+  x = x.transpose(0, 1).contiguous();  // [H, n, K]: each head's tokens back to back
+  check_bf16(x, "linear_heads_q x");
+  auto y = torch::empty({H, n, w.N / H}, x.options());
+  linear_heads_into(w, H, x.data_ptr<at::BFloat16>(), n, y.data_ptr<at::BFloat16>());
+  return y.transpose(0, 1);
 }
 
 torch::Tensor linear_q(torch::Tensor x, QArgs weight) {

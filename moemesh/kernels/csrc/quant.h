@@ -43,9 +43,13 @@ struct Acts {
 };
 
 QLinear qlinear(const QArgs& args, const char* what);
+// Rows [begin, begin + count) of w as a weight of their own (bf16 or affine: FP8 blocks span 128 rows).
+QLinear row_slice(const QLinear& w, int64_t begin, int64_t count);
 Acts prepare(const QLinear& w, const at::BFloat16* x, int64_t M);
 // y[m, r] for every token and output rows [row_begin, row_end)
 void linear_rows_q(const QLinear& w, const Acts& xs, at::BFloat16* y, int64_t row_begin, int64_t row_end);
 void linear_q_into(const QLinear& w, const at::BFloat16* x, int64_t M, at::BFloat16* y);
+// Per head h < H: y[h] [n, N] = x[h] [n, K] @ (rows h*N.. of w)^T, where w stacks the H heads' [N, K] weights.
+void linear_heads_into(const QLinear& w, int64_t H, const at::BFloat16* x, int64_t n, at::BFloat16* y);
 
 }  // namespace moemesh

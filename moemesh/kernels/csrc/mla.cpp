@@ -1,8 +1,9 @@
 // MLA attention for the few new tokens of one request (decode), in the absorbed form, bf16 in and out:
 // rope the new keys and write [latent | rope key] rows into the cache, take each query into the latent
 // space (W_UK), attend over the cache in fp32 — each cache row is read once for all heads — and bring
-// the attended latent back out (W_UV). Rounding points follow the torch path in torch_backend.py.
-#include "common.h"
+// the attended latent back out (W_UV). W_UK and W_UV are bf16, or packed int4/int8 as mlx-lm stores them
+// (`embed_q`, `unembed_out`). Rounding points follow the torch path in torch_backend.py.
+#include "quant.h"
 
 namespace moemesh {
 namespace {
@@ -100,29 +101,29 @@ inline void attention_values(const float* p, const at::BFloat16* kv, int64_t H, 
 
 }  // namespace
 
-torch::Tensor mla_decode_bf16(torch::Tensor q_nope,  // [n, H, nope]
-                              torch::Tensor q_pe,    // [n, H, rope], not yet rotated
-                              torch::Tensor rows,    // [n, kv_lora + rope]: normalized latent | key, not yet rotated
-                              torch::Tensor cos,     // [n, rope/2] fp32
-                              torch::Tensor sin,
-                              torch::Tensor cache,   // [capacity, kv_lora + rope]; rows start.. are written
-                              int64_t start,
-                              torch::Tensor w_uk,    // [H, kv_lora, nope]
-                              torch::Tensor w_uv,    // [H, v, kv_lora]
-                              double scale, bool interleave) {
+torch::Tensor mla_decode(torch::Tensor q_nope,  // [n, H, nope]
+                         torch::Tensor q_pe,    // [n, H, rope], not yet rotated
+                         torch::Tensor rows,    // [n, kv_lora + rope]: normalized latent | key, not yet rotated
+                         torch::Tensor cos,     // [n, rope/2] fp32
+                         torch::Tensor sin,
+                         torch::Tensor cache,   // [capacity, kv_lora + rope]; rows start.. are written
+                         int64_t start,
+                         QArgs w_uk_args,       // [H * kv_lora, nope]: the heads' W_UK stacked
+                         QArgs w_uv_args,       // [H * v, kv_lora]
+                         double scale, bool interleave) {
   q_nope = q_nope.contiguous();
   q_pe = q_pe.contiguous();
   rows = rows.contiguous();
   cos = cos.contiguous();
   sin = sin.contiguous();
-  for (auto* t : {&q_nope, &q_pe, &rows, &cache, &w_uk, &w_uv}) check_bf16(*t, "mla_decode_bf16");
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, "mla_decode_bf16: cos/sin fp32");
+  for (auto* t : {&q_nope, &q_pe, &rows, &cache}) check_bf16(*t, "mla_decode");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, "mla_decode: cos/sin fp32");
+  const QLinear w_uk = qlinear(w_uk_args, "mla_decode w_uk"), w_uv = qlinear(w_uv_args, "mla_decode w_uv");
   const int64_t n = q_nope.size(0), H = q_nope.size(1), dn = q_nope.size(2), dr = q_pe.size(2);
-  const int64_t C = w_uk.size(1), W = C + dr, dv = w_uv.size(1);
-  TORCH_CHECK(rows.size(0) == n && rows.size(1) == W && cache.size(1) == W && w_uk.size(0) == H &&
-              w_uk.size(2) == dn && w_uv.size(0) == H && w_uv.size(2) == C && cos.size(1) == dr / 2,
-              "mla_decode_bf16: shapes");
-  TORCH_CHECK(start >= 0 && start + n <= cache.size(0), "mla_decode_bf16: cache too small");
+  const int64_t W = cache.size(1), C = W - dr, dv = w_uv.N / H;
+  TORCH_CHECK(rows.size(0) == n && rows.size(1) == W && w_uk.N == H * C && w_uk.K == dn && w_uv.N == H * dv &&
+              w_uv.K == C && cos.size(1) == dr / 2, "mla_decode: shapes");
+  TORCH_CHECK(start >= 0 && start + n <= cache.size(0), "mla_decode: cache too small");
 
   at::BFloat16* kv = cache.data_ptr<at::BFloat16>();
   const at::BFloat16* rp = rows.data_ptr<at::BFloat16>();
@@ -136,7 +137,7 @@ torch::Tensor mla_decode_bf16(torch::Tensor q_nope,  // [n, H, nope]
   // Queries in the latent space: q_lat[h, t, :] = W_UK[h] @ q_nope[t, h, :] (bf16, as the torch path rounds).
   auto qn = q_nope.transpose(0, 1).contiguous();  // [H, n, nope]
   auto q_lat = torch::empty({H, n, C}, q_nope.options());
-  linear_per_head(qn.data_ptr<at::BFloat16>(), w_uk.data_ptr<at::BFloat16>(), H, n, C, dn, q_lat.data_ptr<at::BFloat16>());
+  linear_heads_into(w_uk, H, qn.data_ptr<at::BFloat16>(), n, q_lat.data_ptr<at::BFloat16>());
 
   auto o_lat = torch::empty({H, n, C}, q_nope.options());  // attended latents, rounded to bf16
   std::vector<at::BFloat16> q(H * W);  // one token's queries: [latent query | roped query] per head
@@ -165,7 +166,7 @@ torch::Tensor mla_decode_bf16(torch::Tensor q_nope,  // [n, H, nope]
 
   // Values: values[t, h, :] = W_UV[h] @ o_lat[h, t, :].
   auto values = torch::empty({H, n, dv}, q_nope.options());
-  linear_per_head(o_lat.data_ptr<at::BFloat16>(), w_uv.data_ptr<at::BFloat16>(), H, n, dv, C, values.data_ptr<at::BFloat16>());
+  linear_heads_into(w_uv, H, o_lat.data_ptr<at::BFloat16>(), n, values.data_ptr<at::BFloat16>());
   return values.transpose(0, 1);  // [n, H, v]
 }
 
