@@ -65,6 +65,7 @@ class Backend(Protocol):
     def concat(self, xs: list[Array]) -> Array: ...  # along the last dim
     def to_numpy(self, x: Array) -> np.ndarray: ...
     def step(self, segments: list) -> Any: ...  # per-step context attention needs (positions, rope)
+    def release_scratch(self, tokens: int) -> None: ...  # after a step of `tokens`: return a long step's freed buffers
 
     # math
     def embed(self, table: Array, ids: Array) -> Array: ...

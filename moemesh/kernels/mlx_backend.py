@@ -126,6 +126,11 @@ class MlxBackend:
         """mlx-lm's split halves as stored: [heads, out, in], dense or packed (as mlx-lm's QuantizedMultiLinear)."""
         return self.linear_weight(*w_uk), self.linear_weight(*w_uv)
 
+    def release_scratch(self, tokens: int) -> None:
+        """After a prefill step, empty MLX's buffer cache (it keeps freed buffers for reuse); decode keeps it."""
+        if tokens > 8:
+            mx.clear_cache()
+
     # ---- arrays
     def tokens(self, ids: list[int]) -> mx.array:
         return mx.array(ids, dtype=mx.int32)

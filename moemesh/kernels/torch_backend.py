@@ -7,7 +7,10 @@ them while attention reads each request's own KV cache.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +30,20 @@ HeadsWeight = torch.Tensor | AffineWeight  # per-head weights: [heads, out, in],
 # Up to this many tokens a step is a decode step: matrix-vector work bound by reading the weights.
 DECODE_TOKENS = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LIBC = ctypes.CDLL(None)
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only
+_MADV_PAGEOUT = 21  # Linux >= 5.4
+
+
+def _page_out(t: torch.Tensor) -> None:
+    """Drop the pages wholly inside t's bytes from this process's resident set, where t was copied and is
+    not read again: checkpoint pages stay mapped, and counted, until reclaimed. Nothing is lost — clean file
+    pages are re-read, anonymous ones swapped — and kernels without MADV_PAGEOUT ignore the hint."""
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.nbytes) // page * page
+    if end > start and sys.platform == "linux":
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
 
 
 @dataclass
@@ -172,6 +189,13 @@ class TorchBackend:
         pos = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(self.device)
         return Step(segments, self._cos[pos], self._sin[pos])
 
+    def release_scratch(self, tokens: int) -> None:
+        """After a long step (prefill: dequantized tiles, activations of every token), hand its freed buffers
+        back to the OS: glibc's malloc keeps them in its heap, tens of MB that resident memory would carry.
+        Decode steps reuse what they free, so they keep it. A few microseconds."""
+        if tokens > DECODE_TOKENS and self.device.type == "cpu" and _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+
     # ---- math
     def embed(self, table: torch.Tensor | AffineWeight, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(table, AffineWeight):  # mlx-lm quantizes the embedding too
@@ -206,6 +230,9 @@ class TorchBackend:
                 and gate.dtype == up.dtype):
             return gate, up
         both = torch.cat([gate, up])
+        if both.device.type == "cpu":
+            _page_out(gate)
+            _page_out(up)
         return both[: gate.shape[0]], both[gate.shape[0] :]
 
     @staticmethod

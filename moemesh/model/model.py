@@ -213,6 +213,7 @@ class Transformer:
             x = self._block(self.blocks[layer], x, step)
         for s in segments:
             s.cache.length = s.start + s.length
+        self.backend.release_scratch(sum(s.length for s in segments))
         return x
 
     def head(self, x: Any) -> tuple[Any, Any]:
