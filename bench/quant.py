@@ -4,7 +4,7 @@ plus all new anonymous memory — against the checkpoint's bytes), decode
 matmul throughput on a 4096x4096 weight, model decode tokens/s, and top-1 / KL of the logits against bf16.
 Writes bench/results/quant.json and prints ratios against bf16.
 
-    python bench/quant.py [--threads 2] [--tokens 64] [--rounds 2] [--config v3-shaped|small]
+    python bench/quant.py [--threads 2] [--tokens 64] [--rounds 3] [--config v3-shaped|small]
 
 The default checkpoint has DeepSeek-V3's per-token make-up (bench/common.py: V3_SHAPED_CONFIG); `small` is
 the single-node benchmark's, whose small layers and large lm_head make fixed per-layer costs and the
@@ -214,7 +214,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2, help="each format's decode speed is its best round")
+    ap.add_argument("--rounds", type=int, default=3, help="each format's decode speed is its best round")
     ap.add_argument("--config", choices=CONFIGS, default="v3-shaped", help="the checkpoint's shape (see above)")
     ap.add_argument("--dir", type=Path, default=None, help="where the checkpoints are built (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant.json")
