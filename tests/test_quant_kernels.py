@@ -46,6 +46,10 @@ def affine(out: int, inp: int, bits: int, group: int) -> AffineWeight:
     return AffineWeight(words.view(torch.int32), s.scales.bfloat16(), s.biases.bfloat16(), bits, group)
 
 
+def fp8_blocks_dequantized(w: Fp8Weight) -> tuple[torch.Tensor, None]:
+    return fp8_dequantize(w), None
+
+
 def dense(w) -> torch.Tensor:
     """The weight in float32: what the kernels' products are held to."""
     if isinstance(w, Fp8Weight):
@@ -126,10 +130,11 @@ def test_fused_mlp_and_experts_match_the_unfused_path():
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (8, 32)])
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (8, 32), ("fp8", 128)])
 def test_packed_heads_in_mla_decode(bits, group):
-    """MLA's W_UK and W_UV packed as mlx-lm stores them (`embed_q`, `unembed_out`): the decode kernel against
-    torch's attention over the dequantized heads. Cache rows must agree bit for bit."""
+    """MLA's W_UK and W_UV packed as mlx-lm stores them (`embed_q`, `unembed_out`), or FP8 (kv_b_proj's 128x128
+    blocks, the key half transposed block by block): the decode kernel against torch's attention over the
+    dequantized heads. Cache rows must agree bit for bit."""
     from moemesh.kernels.base import AttentionWeights
     from moemesh.model.affine import AffineScales
     from moemesh.model.cache import KVCache, Segment
@@ -138,7 +143,8 @@ def test_packed_heads_in_mla_decode(bits, group):
     args = args_from_dict(dict(model_type="deepseek_v3", vocab_size=64, hidden_size=96, intermediate_size=64,
                                num_hidden_layers=1, num_attention_heads=heads, kv_lora_rank=kv_lora, q_lora_rank=None,
                                qk_nope_head_dim=nope, qk_rope_head_dim=16, v_head_dim=v, moe_intermediate_size=32,
-                               n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1))
+                               n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+                               quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}))
     fast, plain = TorchBackend(args, "bfloat16"), TorchBackend(args, "bfloat16")
     plain.kernels = None
 
@@ -146,8 +152,16 @@ def test_packed_heads_in_mla_decode(bits, group):
         words, s = quantize(torch.randn(*shape, generator=gen) * 0.2, bits, group)
         return words, AffineScales(s.scales.bfloat16(), s.biases.bfloat16(), bits, group)
 
-    w_uk, w_uv = fast.absorbed_heads(packed(heads, kv_lora, nope), packed(heads, v, kv_lora))
-    assert isinstance(w_uk, AffineWeight) and w_uk.nbytes < 2 * heads * kv_lora * nope  # stays packed
+    if bits == "fp8":
+        kv_b = fp8_weight(heads * (nope + v), kv_lora, normals_only=True)
+        w_uk, w_uv = fast.absorbed_kv_b(kv_b.weight, kv_b.scale_inv)
+        dense_uk, _ = plain.absorbed_kv_b(*fp8_blocks_dequantized(kv_b))
+        assert torch.equal(dense(w_uk).bfloat16().view(heads, kv_lora, nope), dense_uk)  # block transpose is exact
+        assert isinstance(w_uv, Fp8Weight)
+    else:
+        w_uk, w_uv = fast.absorbed_heads(packed(heads, kv_lora, nope), packed(heads, v, kv_lora))
+        assert isinstance(w_uk, AffineWeight)
+    assert w_uk.nbytes + w_uv.nbytes < 2 * heads * (nope + v) * kv_lora  # stays packed
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).bfloat16()

@@ -26,7 +26,7 @@ from .fp8 import Fp8Weight, dequantize, scaled_mm_linear, scaled_mm_supported
 from .quant_ops import kernel_args, quantized_linear
 
 Weight = torch.Tensor | Fp8Weight | AffineWeight
-HeadsWeight = torch.Tensor | AffineWeight  # per-head weights: [heads, out, in], or packed [heads * out, in]
+HeadsWeight = torch.Tensor | Fp8Weight | AffineWeight  # per head: [heads, out, in], or packed [heads * out, in]
 # Up to this many tokens a step is a decode step: matrix-vector work bound by reading the weights.
 DECODE_TOKENS = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,21 +127,32 @@ class TorchBackend:
     def vector(self, t: torch.Tensor, fp32: bool = False) -> torch.Tensor:
         return t.to(self.device, torch.float32 if fp32 else self.dtype)
 
-    def absorbed_kv_b(self, weight: torch.Tensor, scales: torch.Tensor | AffineScales | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def absorbed_kv_b(self, weight: torch.Tensor, scales: torch.Tensor | AffineScales | None) -> tuple[HeadsWeight, HeadsWeight]:
         """Split kv_b_proj [heads*(nope+v), kv_lora] into per-head linear weights ([out, in], like every
         weight here): W_UK^T [heads, kv_lora, nope] takes a query to the latent space, W_UV [heads, v, kv_lora]
-        takes an attended latent to values. They take the compute dtype: the key half must be transposed
-        (~0.15% of a DeepSeek-V3 layer's weights). Checkpoints that store the halves split (mlx-lm's) keep
-        them packed: see `absorbed_heads`."""
+        takes an attended latent to values. The key half must be transposed: FP8 with 128x128 blocks that
+        nope, v and kv_lora fill stays FP8 (a block transposes into a block with the same scale), with the
+        heads stacked; anything else takes the compute dtype (~0.15% of a DeepSeek-V3 layer). Checkpoints
+        that store the halves split (mlx-lm's) are held as stored: see `absorbed_heads`."""
         a = self.args
+        h, nope, v, kv_lora = a.num_attention_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
+        if isinstance(scales, torch.Tensor) and a.fp8_block == (128, 128) and not (nope % 128 or v % 128 or kv_lora % 128):
+            w = weight.view(h, nope + v, kv_lora)
+            s = scales.view(h, (nope + v) // 128, kv_lora // 128)
+            def stacked(t: torch.Tensor, columns: int) -> torch.Tensor:  # [heads, rows, columns] -> [heads * rows, columns]
+                return t.contiguous().view(-1, columns).to(self.device)
+
+            w_uk = Fp8Weight(stacked(w[:, :nope].transpose(1, 2), nope),
+                             stacked(s[:, : nope // 128].transpose(1, 2), nope // 128), a.fp8_block)
+            w_uv = Fp8Weight(stacked(w[:, nope:], kv_lora), stacked(s[:, nope // 128 :], kv_lora // 128), a.fp8_block)
+            _page_out(weight)  # both halves were copied
+            return w_uk, w_uv
         if isinstance(scales, AffineScales):
             weight = to_dense(affine_weight(weight, scales, torch.float32, weight.device), torch.float32)
         elif scales is not None:
             weight = dequantize(Fp8Weight(weight, scales, a.fp8_block), torch.float32)
-        w = weight.to(self.dtype).view(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
-        w_uk = w[:, : a.qk_nope_head_dim].transpose(1, 2).contiguous().to(self.device)
-        w_uv = w[:, a.qk_nope_head_dim :].contiguous().to(self.device)
-        return w_uk, w_uv
+        w = weight.to(self.dtype).view(h, nope + v, kv_lora)
+        return w[:, :nope].transpose(1, 2).contiguous().to(self.device), w[:, nope:].contiguous().to(self.device)
 
     def absorbed_heads(self, w_uk: tuple[torch.Tensor, AffineScales | None],
                        w_uv: tuple[torch.Tensor, AffineScales | None]) -> tuple[HeadsWeight, HeadsWeight]:
@@ -156,12 +167,14 @@ class TorchBackend:
         return resident(*w_uk), resident(*w_uv)
 
     def linear_heads(self, x: torch.Tensor, w: HeadsWeight) -> torch.Tensor:
-        """Per-head linear: x [n, heads, in], w [heads, out, in] (or packed, heads stacked) -> [n, heads, out]."""
+        """Per-head linear: x [n, heads, in], w [heads, out, in] (or FP8 / packed, heads stacked) -> [n, heads, out]."""
         args = _head_args(w) if self.kernels is not None and x.shape[0] <= DECODE_TOKENS else None
         if args is not None:
             return self.kernels.linear_heads_q(x, args)
         if isinstance(w, AffineWeight):
             w = to_dense(w, x.dtype).view(x.shape[1], -1, x.shape[2])
+        elif isinstance(w, Fp8Weight):
+            w = dequantize(w, x.dtype).view(x.shape[1], -1, x.shape[2])
         return torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
 
     # ---- arrays

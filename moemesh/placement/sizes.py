@@ -7,7 +7,7 @@ The one place where weight formats are turned into bytes (docs/placement.md, "By
 | 2-D linear weight [out, in]             | 2    | 1 + f32 scale per 128x128 block   | bits/8 + (bf16 scale + bias)/group|
 | embed_tokens, lm_head                   | 2    | 2 (kept bf16)                     | quantized (default, like mlx-lm) or 2 |
 | router `mlp.gate.weight`                | 4    | 4 (held f32)                      | 4 (held f32)                      |
-| MLA `kv_b_proj` (absorbed, per head)    | 2    | 2 (held in the compute dtype)     | quantized, split per head (below) |
+| MLA `kv_b_proj` (absorbed, per head)    | 2    | fp8 where blocks fit heads, else 2| quantized, split per head (below) |
 | 1-D (norms, biases)                     | 2    | 2                                 | 2                                 |
 | `e_score_correction_bias`               | 4    | 4                                 | 4                                 |
 
@@ -143,10 +143,20 @@ class ModelSizes:
         return self.head_read_bytes + sum(s.dense_bytes + self.top_k * s.expert_bytes for s in self.layers)
 
 
+def _kv_b_held_packed(a: ModelArgs, fmt: WeightFormat) -> bool:
+    """Whether kv_b_proj's per-head halves stay in the checkpoint's format: int4/int8 checkpoints store them
+    split; FP8 halves stay FP8 where nope, v and kv_lora fill whole blocks (the key half's transpose keeps
+    each block's scale)."""
+    if fmt.name in ("int4", "int8"):
+        return True
+    bo, bi = fmt.fp8_block
+    return fmt.name == "fp8" and bo == bi and not (a.qk_nope_head_dim % bo or a.v_head_dim % bo or a.kv_lora_rank % bo)
+
+
 def _layer_parts(a: ModelArgs, layer: int, fmt: WeightFormat) -> LayerSize:
     dense = {"input_layernorm.weight": (a.hidden_size,), "post_attention_layernorm.weight": (a.hidden_size,)}
     attention = attention_shapes(a)
-    if fmt.name in ("int4", "int8"):  # kv_b_proj quantized: split per head, each half's heads stacked
+    if _kv_b_held_packed(a, fmt):  # split per head, each half's heads stacked
         del attention["kv_b_proj.weight"]
         attention |= {k: (s[0] * s[1], s[2]) for k, s in split_kv_b_shapes(a).items()}
     dense |= {"self_attn." + k: v for k, v in attention.items()}

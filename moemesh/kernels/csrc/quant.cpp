@@ -43,12 +43,14 @@ QLinear qlinear(const QArgs& args, const char* what) {
 }
 
 QLinear row_slice(const QLinear& w, int64_t begin, int64_t count) {
-  TORCH_CHECK(w.kind != KIND_FP8, "row_slice: FP8 weights are sliced in whole 128-row blocks only");
   TORCH_CHECK(0 <= begin && begin + count <= w.N, "row_slice: rows ", begin, "..", begin + count, " of ", w.N);
   QLinear s = w;
   s.N = count;
   s.w = w.w + begin * w.row_bytes();
-  if (w.kind != KIND_BF16) {
+  if (w.kind == KIND_FP8) {
+    TORCH_CHECK(begin % FP8_BLOCK == 0, "row_slice: FP8 weights are sliced at 128-row block boundaries");
+    s.block_scales = w.block_scales + (begin / FP8_BLOCK) * w.block_cols;
+  } else if (w.kind != KIND_BF16) {
     s.scales = w.scales + begin * w.groups();
     s.biases = w.biases + begin * w.groups();
   }

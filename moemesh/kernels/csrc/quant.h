@@ -43,7 +43,7 @@ struct Acts {
 };
 
 QLinear qlinear(const QArgs& args, const char* what);
-// Rows [begin, begin + count) of w as a weight of their own (bf16 or affine: FP8 blocks span 128 rows).
+// Rows [begin, begin + count) of w as a weight of their own (FP8: begin on a 128-row block boundary).
 QLinear row_slice(const QLinear& w, int64_t begin, int64_t count);
 Acts prepare(const QLinear& w, const at::BFloat16* x, int64_t M);
 // y[m, r] for every token and output rows [row_begin, row_end)
