@@ -36,10 +36,11 @@ def test_incremental_decode_equals_full_forward(checkpoint):
         assert (torch.from_numpy(step(ids[start:end], start)) - full[end - 1]).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("block", [(128, 128), (16, 8)])
-def test_fp8_checkpoint_matches_the_torch_backend(tmp_path, block):
-    """The torch backend's FP8 path is held to transformers on the dequantized weights (test_reference.py)."""
-    config = make_config(**SHAPES["odd_dims_4groups"])
+@pytest.mark.parametrize("shape, block", [("odd_dims_4groups", (128, 128)), ("odd_dims_4groups", (16, 8)), ("base", (4, 4))])
+def test_fp8_checkpoint_matches_the_torch_backend(tmp_path, shape, block):
+    """The torch backend's FP8 path is held to transformers on the dequantized weights (test_reference.py).
+    (4, 4) blocks fill BASE's MLA head dims, so kv_b_proj's halves stay FP8 there too."""
+    config = make_config(**SHAPES[shape])
     build_checkpoint(tmp_path / "src", config)
     convert_to_fp8(tmp_path / "src", tmp_path / "fp8", block)
     ids = torch.randint(0, config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(2))

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from transformers import DeepseekV3ForCausalLM
 
 import moemesh
+from moemesh.kernels.fp8 import Fp8Weight
 from moemesh.model.cache import Segment
 
 
@@ -90,26 +91,29 @@ def test_bf16_matches_reference_within_its_own_precision(checkpoint):
     assert exact >= 1
 
 
-def test_fp8_checkpoint_matches_reference_on_dequantized_weights(tmp_path):
-    config = make_config(**SHAPES["odd_dims_4groups"])
+# The official block, small odd blocks that split every matrix, and square blocks that BASE's MLA head dims
+# fill (as 128 fills DeepSeek-V3's): there kv_b_proj stays FP8 too, its key half transposed block by block.
+@pytest.mark.parametrize("shape, block", [("odd_dims_4groups", (128, 128)), ("odd_dims_4groups", (16, 8)), ("base", (4, 4))])
+def test_fp8_checkpoint_matches_reference_on_dequantized_weights(tmp_path, shape, block):
+    config = make_config(**SHAPES[shape])
     build_checkpoint(tmp_path / "bf", config, seed=5)
-    for block in [(128, 128), (16, 8)]:  # the official block, and small odd blocks that split every matrix
-        fp8_dir = tmp_path / f"fp8_{block[0]}x{block[1]}"
-        dequantized = convert_to_fp8(tmp_path / "bf", fp8_dir, block)
-        deq_dir = tmp_path / f"deq_{block[0]}x{block[1]}"
-        deq_dir.mkdir()
-        save_file(dequantized, deq_dir / "model.safetensors", metadata={"format": "pt"})
-        shutil.copy(tmp_path / "bf" / "config.json", deq_dir)
-        reference = DeepseekV3ForCausalLM.from_pretrained(deq_dir, dtype=torch.float32, experts_implementation="eager").eval()
-        engine = moemesh.load(fp8_dir, dtype="float32")
-        # FP8 weights stay FP8 in memory.
-        blk = engine.model.blocks[1]
-        assert blk.ffn.experts[0].gate.weight.dtype == torch.float8_e4m3fn
-        assert blk.attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
-        ids = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(6))
-        with torch.no_grad():
-            expected = reference(ids).logits
-        assert (engine.logits(ids) - expected).abs().max().item() <= 1e-4
+    fp8_dir = tmp_path / "fp8"
+    dequantized = convert_to_fp8(tmp_path / "bf", fp8_dir, block)
+    deq_dir = tmp_path / "deq"
+    deq_dir.mkdir()
+    save_file(dequantized, deq_dir / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(tmp_path / "bf" / "config.json", deq_dir)
+    reference = DeepseekV3ForCausalLM.from_pretrained(deq_dir, dtype=torch.float32, experts_implementation="eager").eval()
+    engine = moemesh.load(fp8_dir, dtype="float32")
+    # FP8 weights stay FP8 in memory.
+    blk = engine.model.blocks[1]
+    assert blk.ffn.experts[0].gate.weight.dtype == torch.float8_e4m3fn
+    assert blk.attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
+    assert isinstance(blk.attn.w_uk, Fp8Weight) == (block == (4, 4))
+    ids = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    assert (engine.logits(ids) - expected).abs().max().item() <= 1e-4
 
 
 def test_published_config_spelling(tmp_path):

@@ -37,6 +37,24 @@ class Fp8Weight:
         return Fp8Weight(self.weight[start:stop], self.scale_inv[start // b0 : -(-stop // b0)], self.block)
 
 
+def split_kv_b(w: Fp8Weight, heads: int, nope: int, v: int) -> tuple[Fp8Weight, Fp8Weight] | None:
+    """MLA's kv_b_proj [heads*(nope+v), kv_lora] as the two per-head products of absorbed attention, still
+    FP8, each with its heads stacked: W_UK^T [heads*kv_lora, nope] (the key half transposed: a 128x128 block
+    transposes into a block with the same scale, so this is exact) and W_UV [heads*v, kv_lora]. None unless
+    nope, v and kv_lora are whole square blocks (DeepSeek-V3's are)."""
+    b, kv_lora = w.block[0], w.shape[1]
+    if w.block != (b, b) or nope % b or v % b or kv_lora % b:
+        return None
+    q = w.weight.view(heads, nope + v, kv_lora)
+    s = w.scale_inv.view(heads, (nope + v) // b, kv_lora // b)
+
+    def stacked(t: torch.Tensor) -> torch.Tensor:  # [heads, rows, columns] -> [heads * rows, columns]
+        return t.contiguous().view(-1, t.shape[-1])
+
+    return (Fp8Weight(stacked(q[:, :nope].transpose(1, 2)), stacked(s[:, : nope // b].transpose(1, 2)), w.block),
+            Fp8Weight(stacked(q[:, nope:]), stacked(s[:, nope // b :]), w.block))
+
+
 def dequantize(w: Fp8Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W8 * scale_inv, block-wise, as `dtype` (float32 math, rounded once)."""
     out, inp = w.weight.shape

@@ -17,6 +17,7 @@ import torch
 from ..model.affine import AffineScales
 from ..model.config import ModelArgs
 from .base import AttentionWeights, MlpWeights, MoeWeights
+from .fp8 import Fp8Weight, split_kv_b
 from .torch_backend import rope_frequencies
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -112,8 +113,13 @@ class MlxBackend:
         return to_mx(t, mx.float32 if fp32 else self.dtype)
 
     def absorbed_kv_b(self, weight: torch.Tensor, scales: torch.Tensor | AffineScales | None) -> tuple[mx.array, mx.array]:
-        """W_UK^T [heads, kv_lora, nope] and W_UV [heads, v, kv_lora] in the compute dtype (see the torch backend)."""
+        """W_UK^T [heads, kv_lora, nope] and W_UV [heads, v, kv_lora] (see the torch backend): FP8 stays FP8 with
+        the heads stacked where its blocks allow, anything else takes the compute dtype."""
         a = self.args
+        if isinstance(scales, torch.Tensor):
+            split = split_kv_b(Fp8Weight(weight, scales, a.fp8_block), a.num_attention_heads, a.qk_nope_head_dim, a.v_head_dim)
+            if split is not None:
+                return tuple(self.linear_weight(w.weight, w.scale_inv) for w in split)
         w = self.linear_weight(weight, scales)
         if isinstance(w, MlxAffine):
             w = mx.dequantize(w.weight, w.scales, w.biases, group_size=w.group_size, bits=w.bits)
@@ -183,9 +189,11 @@ class MlxBackend:
         g = self.linear(x, w.gate)
         return self.linear((g * mx.sigmoid(g.astype(mx.float32)).astype(g.dtype)) * self.linear(x, w.up), w.down)
 
-    def linear_heads(self, x: mx.array, w: mx.array | MlxAffine) -> mx.array:
-        """Per-head linear: x [n, heads, in], w [heads, out, in] (dense or packed) -> [n, heads, out]."""
+    def linear_heads(self, x: mx.array, w: mx.array | MlxAffine | MlxFp8) -> mx.array:
+        """Per-head linear: x [n, heads, in], w [heads, out, in] (dense or packed; FP8 heads stacked) -> [n, heads, out]."""
         x = x.transpose(1, 0, 2)
+        if isinstance(w, MlxFp8):  # heads stacked: [heads * out, in]
+            w = fp8_dense(w, x.dtype).reshape(x.shape[0], -1, x.shape[2])
         if isinstance(w, MlxAffine):
             y = mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True, group_size=w.group_size, bits=w.bits)
         else:

@@ -22,7 +22,7 @@ from ..model.config import ModelArgs
 from .affine import AffineWeight, affine_embed, affine_weight, to_dense
 from .base import AttentionWeights, MlpWeights, MoeWeights
 from .cpu_ext import cpu_kernels
-from .fp8 import Fp8Weight, dequantize, scaled_mm_linear, scaled_mm_supported
+from .fp8 import Fp8Weight, dequantize, scaled_mm_linear, scaled_mm_supported, split_kv_b
 from .quant_ops import kernel_args, quantized_linear
 
 Weight = torch.Tensor | Fp8Weight | AffineWeight
@@ -130,23 +130,15 @@ class TorchBackend:
     def absorbed_kv_b(self, weight: torch.Tensor, scales: torch.Tensor | AffineScales | None) -> tuple[HeadsWeight, HeadsWeight]:
         """Split kv_b_proj [heads*(nope+v), kv_lora] into per-head linear weights ([out, in], like every
         weight here): W_UK^T [heads, kv_lora, nope] takes a query to the latent space, W_UV [heads, v, kv_lora]
-        takes an attended latent to values. The key half must be transposed: FP8 with 128x128 blocks that
-        nope, v and kv_lora fill stays FP8 (a block transposes into a block with the same scale), with the
-        heads stacked; anything else takes the compute dtype (~0.15% of a DeepSeek-V3 layer). Checkpoints
+        takes an attended latent to values. The key half must be transposed: FP8 stays FP8 where its blocks
+        allow (`fp8.split_kv_b`), anything else takes the compute dtype (~0.15% of a DeepSeek-V3 layer). Checkpoints
         that store the halves split (mlx-lm's) are held as stored: see `absorbed_heads`."""
         a = self.args
         h, nope, v, kv_lora = a.num_attention_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
-        if isinstance(scales, torch.Tensor) and a.fp8_block == (128, 128) and not (nope % 128 or v % 128 or kv_lora % 128):
-            w = weight.view(h, nope + v, kv_lora)
-            s = scales.view(h, (nope + v) // 128, kv_lora // 128)
-            def stacked(t: torch.Tensor, columns: int) -> torch.Tensor:  # [heads, rows, columns] -> [heads * rows, columns]
-                return t.contiguous().view(-1, columns).to(self.device)
-
-            w_uk = Fp8Weight(stacked(w[:, :nope].transpose(1, 2), nope),
-                             stacked(s[:, : nope // 128].transpose(1, 2), nope // 128), a.fp8_block)
-            w_uv = Fp8Weight(stacked(w[:, nope:], kv_lora), stacked(s[:, nope // 128 :], kv_lora // 128), a.fp8_block)
-            _page_out(weight)  # both halves were copied
-            return w_uk, w_uv
+        split = split_kv_b(Fp8Weight(weight, scales, a.fp8_block), h, nope, v) if isinstance(scales, torch.Tensor) else None
+        if split is not None:
+            _page_out(weight)  # both halves are copies
+            return tuple(Fp8Weight(w.weight.to(self.device), w.scale_inv.to(self.device), w.block) for w in split)
         if isinstance(scales, AffineScales):
             weight = to_dense(affine_weight(weight, scales, torch.float32, weight.device), torch.float32)
         elif scales is not None:
