@@ -56,37 +56,42 @@ inline void attention_scores(const at::BFloat16* q, const at::BFloat16* kv, int6
   });
 }
 
-// o[h, c] = sum_s p[h, s] * kv[s, c] for c < C (the latent part of each row), in fp32: tiles of 4 heads x 64
-// columns kept in registers while the rows stream by.
+constexpr int64_t VALUE_HEADS = 8;  // heads per attention_values tile; its p has whole tiles of heads
+
+// o[h, c] = sum_s p[h, s] * kv[s, c] for c < C (the latent part of each row), in fp32: tiles of 8 heads x 32
+// columns kept in registers (16 accumulators) while the rows stream by, so each row's bf16 -> fp32 conversion
+// serves 8 heads. p has rows for H rounded up to 8 heads (the extra ones zero). This is attention's one fp32
+// product, H x S x C multiply-adds per token: at long contexts most of the MLA's own time.
 inline void attention_values(const float* p, const at::BFloat16* kv, int64_t H, int64_t S, int64_t W, int64_t C,
                              float* o) {
-  constexpr int64_t HB = 4, CB = 64;
+  constexpr int64_t HB = VALUE_HEADS, CB = 32;
   const int64_t h_tiles = (H + HB - 1) / HB, c_tiles = (C + CB - 1) / CB;
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(kv);
-  at::parallel_for(0, h_tiles * c_tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, h_tiles * c_tiles, 1, [=](int64_t begin, int64_t end) {  // by value: no reloads per row
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t h0 = (tile / c_tiles) * HB, c0 = (tile % c_tiles) * CB;
       const int64_t hb = std::min(HB, H - h0), cb = std::min(CB, C - c0);
 #if defined(__AVX512F__)
-      __m512 acc[HB][4];
-      __mmask16 mask[4];
-      for (int j = 0; j < 4; ++j) {
+      __m512 acc[HB][2];
+      __mmask16 mask[2];
+      for (int j = 0; j < 2; ++j) {
         const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, cb - 16 * j));
         mask[j] = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
         for (int m = 0; m < HB; ++m) acc[m][j] = _mm512_setzero_ps();
       }
       for (int64_t s = 0; s < S; ++s) {
-        __m512 row[4];
-        for (int j = 0; j < 4; ++j)
+        __m512 row[2];
+        for (int j = 0; j < 2; ++j)
           row[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
               _mm256_maskz_loadu_epi16(mask[j], bits + s * W + c0 + 16 * j)), 16));
-        for (int m = 0; m < hb; ++m) {
+        for (int m = 0; m < HB; ++m) {
           const __m512 pm = _mm512_set1_ps(p[(h0 + m) * S + s]);
-          for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(pm, row[j], acc[m][j]);
+          for (int j = 0; j < 2; ++j) acc[m][j] = _mm512_fmadd_ps(pm, row[j], acc[m][j]);
         }
       }
-      for (int m = 0; m < hb; ++m)
-        for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(o + (h0 + m) * C + c0 + 16 * j, mask[j], acc[m][j]);
+      for (int m = 0; m < HB; ++m)  // constant bounds, so the accumulators can live in registers
+        for (int j = 0; j < 2; ++j)
+          if (m < hb) _mm512_mask_storeu_ps(o + (h0 + m) * C + c0 + 16 * j, mask[j], acc[m][j]);
 #else
       for (int64_t m = 0; m < hb; ++m)
         for (int64_t c = 0; c < cb; ++c) {
@@ -187,7 +192,7 @@ torch::Tensor mla_decode(torch::Tensor q_nope,  // [n, H, nope]
       rope_bf16(q_pe.data_ptr<at::BFloat16>() + (t * H + h) * dr, cos.data_ptr<float>() + t * (dr / 2),
                 sin.data_ptr<float>() + t * (dr / 2), dr, interleave, q.data() + h * W + C);
     }
-    std::vector<float> scores(H * S);
+    std::vector<float> scores((H + VALUE_HEADS - 1) / VALUE_HEADS * VALUE_HEADS * S);  // zero past H heads
     attention_scores(q.data(), kv, H, S, W, static_cast<float>(scale), scores.data());
     at::parallel_for(0, H, 8, [&](int64_t h0, int64_t h1) {
       for (int64_t h = h0; h < h1; ++h) softmax(scores.data() + h * S, S);
