@@ -80,7 +80,7 @@ def _source(ckpt: Checkpoint, name: str) -> torch.Tensor:
     return dequantize(Fp8Weight(weight, scale, ckpt.args.fp8_block), torch.bfloat16)
 
 
-def split_kv_b(args: ModelArgs, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+def mlx_kv_b_halves(args: ModelArgs, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """kv_b_proj [heads*(nope+v), kv_lora] -> mlx-lm's `embed_q` [heads, kv_lora, nope] (the key half,
     transposed: groups then run along nope, the input of the product it serves) and `unembed_out`
     [heads, v, kv_lora]."""
@@ -143,7 +143,7 @@ def convert(src: str | Path, dst: str | Path, recipe: Recipe, max_shard_bytes: i
         bits = recipe.bits_for(part) if part else None
         pieces = {name: t}
         if bits not in (None, KEEP_FULL) and name.endswith("kv_b_proj.weight"):
-            pieces = split_kv_b(ckpt.args, name, t)
+            pieces = mlx_kv_b_halves(ckpt.args, name, t)
         for piece, w in pieces.items():
             module = mlx_module(piece.removesuffix(".weight"))
             if bits is None or bits == KEEP_FULL or w.dim() < 2 or w.shape[-1] % recipe.group_size:

@@ -275,7 +275,7 @@ class TorchBackend:
         q_nope, q_pe = q.view(n, heads, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         kv = self.linear(x, w.kv_a_proj, w.kv_a_bias)  # [n, kv_lora + rope]
         rows = torch.cat([self.rms_norm(kv[:, :kv_lora], w.kv_a_norm, a.rms_norm_eps), kv[:, kv_lora:]], dim=-1)
-        kernel_heads = (_head_args(w.w_uk), _head_args(w.w_uv)) if self._decode_kernels(x) else None
+        kernel_heads = (_head_args(w.w_uk), _head_args(w.w_uv)) if self.kernels is not None and x.dtype == torch.bfloat16 else None
         if kernel_heads is not None and None not in kernel_heads and max(s.length for s in step.segments) <= DECODE_TOKENS:
             values = self._attend_kernel(kernel_heads, q_nope, q_pe, rows, step, layer)
         else:
