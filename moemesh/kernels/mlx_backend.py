@@ -18,7 +18,7 @@ from ..model.affine import AffineScales
 from ..model.config import ModelArgs
 from .base import AttentionWeights, MlpWeights, MoeWeights
 from .fp8 import Fp8Weight, split_kv_b
-from .torch_backend import rope_frequencies
+from .torch_backend import DECODE_TOKENS, rope_frequencies
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _BAND_ROWS = 512  # FP8 rows dequantized at once
@@ -134,7 +134,7 @@ class MlxBackend:
 
     def release_scratch(self, tokens: int) -> None:
         """After a prefill step, empty MLX's buffer cache (it keeps freed buffers for reuse); decode keeps it."""
-        if tokens > 8:
+        if tokens > DECODE_TOKENS:
             mx.clear_cache()
 
     # ---- arrays

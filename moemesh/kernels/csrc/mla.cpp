@@ -1,8 +1,9 @@
 // MLA attention for the few new tokens of one request (decode), in the absorbed form, bf16 in and out:
 // rope the new keys and write [latent | rope key] rows into the cache, take each query into the latent
 // space (W_UK), attend over the cache in fp32 — each cache row is read once for all heads — and bring
-// the attended latent back out (W_UV). W_UK and W_UV are bf16, or packed int4/int8 as mlx-lm stores them
-// (`embed_q`, `unembed_out`). Rounding points follow the torch path in torch_backend.py.
+// the attended latent back out (W_UV). W_UK and W_UV are bf16, FP8 (128x128 blocks), or packed int4/int8 as
+// mlx-lm stores them (`embed_q`, `unembed_out`), heads stacked. Rounding points follow the torch path in
+// torch_backend.py.
 #include "quant.h"
 
 namespace moemesh {
@@ -118,8 +119,8 @@ inline __m512 exp_nonpositive(__m512 x) {
 }
 #endif
 
-// In place, fp32: scores -> e^(s - max) / sum. Runs once per head per token over every cached position,
-// so at long contexts it is most of attention's own time.
+// In place, fp32: scores -> e^(s - max) / sum, one head's row. H x S exponentials per token: with a scalar
+// exp on one thread this was a large share of long-context attention.
 inline void softmax(float* sc, int64_t S) {
 #if defined(__AVX512F__)
   auto mask = [S](int64_t i) { return S - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - i)) - 1); };
