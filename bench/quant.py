@@ -116,7 +116,6 @@ def growth(before: dict[str, int], checkpoint: Path) -> dict[str, int]:
 def matmul_throughput(fmt: str, args, reps: int = 20) -> dict:
     """y = x @ W.T for one bf16 token through the backend's decode path, over 6 different 4096x4096 weights
     in turn (at least 56 MB, more than the last-level cache: the weights come from memory, as in decode)."""
-    from moemesh.kernels.affine import AffineWeight
     from moemesh.kernels.fp8 import Fp8Weight
     from moemesh.kernels.torch_backend import TorchBackend
     from moemesh.model.affine import quantize
@@ -131,7 +130,7 @@ def matmul_throughput(fmt: str, args, reps: int = 20) -> dict:
             weights.append(Fp8Weight(*fp8_blocks(w), (128, 128)))
         else:
             words, s = quantize(w.bfloat16(), int(fmt[3:]), 64)
-            weights.append(AffineWeight(words.view(torch.int32), s.scales, s.biases, s.bits, s.group_size))
+            weights.append(backend.linear_weight(words, s))  # as the model holds it (lane-major, see docs)
     x = torch.randn(1, 4096).bfloat16()
     for weight in weights:
         backend.linear(x, weight)

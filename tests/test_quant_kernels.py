@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from test_quantization import DIMS
 
 import moemesh
-from moemesh.kernels.affine import AffineWeight
+from moemesh.kernels.affine import AffineWeight, lanes_fit, to_lanes
 from moemesh.kernels.base import MlpWeights, MoeWeights
 from moemesh.kernels.cpu_ext import cpu_kernels
 from moemesh.kernels.fp8 import Fp8Weight, dequantize as fp8_dequantize, scaled_mm_linear, scaled_mm_supported
@@ -108,6 +108,58 @@ def test_affine_linear(bits, group, m):
 
 
 @needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_lane_major_layout(bits, group, m):
+    """Rows of whole 16-group spans, held in the kernels' lane-major byte order: the same weight (words, dense,
+    dequantized tiles) and the same products as the MLX layout."""
+    for out, inp in ((37, 16 * group), (70, 48 * group)):
+        w = affine(out, inp, bits, group)
+        assert lanes_fit(w)
+        lanes = to_lanes(w)
+        assert not torch.equal(lanes.weight, w.weight) and torch.equal(lanes.words(), w.weight)
+        assert torch.equal(dense(lanes), dense(w))
+        assert torch.equal(kernels.dequantize_q(kernel_args(lanes), 3, out), kernels.dequantize_q(kernel_args(w), 3, out))
+        x = torch.randn(m, inp, generator=gen).bfloat16()
+        got = kernels.linear_q(x, kernel_args(lanes))
+        assert close(got, x.float() @ dense(w).T, inp)
+        assert close(got, kernels.linear_q(x, kernel_args(w)).float(), inp)  # the same sums, in another order
+    assert not lanes_fit(affine(8, 8 * group, bits, group)) and not lanes_fit(to_lanes(w))
+
+
+@needs_kernels
+def test_backend_holds_whole_span_weights_lane_major():
+    """linear_weight repacks what the kernels can take lane-major (and only where they run); experts, MLPs and
+    embedding rows read it back right, decode and prefill."""
+    from moemesh.model.affine import AffineScales
+
+    args = args_from_dict(dict(model_type="deepseek_v3", vocab_size=64, hidden_size=512, intermediate_size=128,
+                               num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=32, q_lora_rank=None,
+                               qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16))
+    fast, plain = TorchBackend(args, "bfloat16"), TorchBackend(args, "bfloat16")
+    plain.kernels = None
+
+    def load(backend, out, inp, group):
+        w = affine(out, inp, 4, group)
+        return backend.linear_weight(w.weight.view(torch.uint32), AffineScales(w.scales, w.biases, 4, group))
+
+    state, held = gen.get_state(), {}
+    for b in (fast, plain):  # the same weights for both
+        gen.set_state(state)
+        held[b] = [load(b, 512, 512, 32), load(b, 512, 512, 64), load(b, 512, 1024, 64), load(b, 512, 512, 32)]
+    assert [w.lanes for w in held[fast]] == [True, False, True, True] and not any(w.lanes for w in held[plain])
+    table = held[fast][0]
+    for ids in ([5, 300, 5], list(range(0, 512, 40))):  # decode rows (C++), prefill rows (torch)
+        want = fast.embed(held[plain][0], torch.tensor(ids))
+        assert torch.equal(fast.embed(table, torch.tensor(ids)), want)
+    x = torch.randn(3, 512, generator=gen).bfloat16()
+    mlp = {b: MlpWeights(held[b][0], held[b][3], held[b][1]) for b in (fast, plain)}  # down: 512 inputs, g64
+    want = plain.mlp(mlp[plain], x).float()
+    assert ((fast.mlp(mlp[fast], x).float() - want).abs() <= 0.02 * want.abs().max()).all()
+
+
+@needs_kernels
 def test_fused_mlp_and_experts_match_the_unfused_path():
     args = args_from_dict(dict(model_type="deepseek_v3", vocab_size=64, hidden_size=256, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=32, q_lora_rank=None,
@@ -185,23 +237,33 @@ def test_packed_heads_in_mla_decode(bits, group):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits, group", [(4, 64), (8, 32)])
-def test_quantized_bf16_model_with_and_without_kernels(tmp_path, bits, group):
+@pytest.mark.parametrize("bits, group, dims", [(4, 64, {}), (8, 32, {}),
+                                               (4, 32, dict(hidden_size=512, moe_intermediate_size=512)),
+                                               (8, 64, dict(hidden_size=1024, moe_intermediate_size=1024))])
+def test_quantized_bf16_model_with_and_without_kernels(tmp_path, bits, group, dims):
     """Decode steps (kernels) and prefill (kernel-dequantized tiles) against torch's dequantize-and-multiply.
-    With groups of 32 every MLA head weight is packed too; with 64, W_UK (32 wide) stays dense (as mlx-lm does)."""
+    With groups of 32 every MLA head weight is packed too; with 64, W_UK (32 wide) stays dense (as mlx-lm does).
+    At the larger widths, layers of whole 16-group spans are held lane-major."""
     from test_quantization import hf_checkpoint
 
-    convert(hf_checkpoint(tmp_path / "hf"), tmp_path / "q", Recipe(bits=bits, group_size=group))
+    convert(hf_checkpoint(tmp_path / "hf", **dims), tmp_path / "q", Recipe(bits=bits, group_size=group))
     fast = moemesh.load(tmp_path / "q", dtype="bfloat16")
     plain = moemesh.load(tmp_path / "q", dtype="bfloat16")
     plain.backend.kernels = None
+    assert fast.model.lm_head.lanes == bool(dims)
     ids = torch.randint(0, DIMS["vocab_size"], (30,), generator=gen).tolist()
     step = fast.step_fn(fast.new_cache())
     got = torch.stack([torch.from_numpy(step(ids[:12], 0))] + [torch.from_numpy(step([t], 12 + i))
                                                                  for i, t in enumerate(ids[12:])])
     want = plain.logits([ids])[0, 11:]
     err = (got - want).abs()
-    assert err.max() <= 0.05 * want.abs().max() and err.mean() <= 0.01 * want.abs().mean()
+    if not dims:
+        assert err.max() <= 0.05 * want.abs().max() and err.mean() <= 0.01 * want.abs().mean()
+        return
+    # Wider layers: bf16 rounding (either side's) can flip a near-tie routing choice at a position, so hold the
+    # typical position, and the mean inside the bf16 model's own distance from float32.
+    bf16_noise = (want - moemesh.load(tmp_path / "q", dtype="float32").logits([ids])[0, 11:]).abs().mean()
+    assert err.max(1).values.median() <= 0.05 * want.abs().max() and err.mean() <= 0.75 * bf16_noise
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from .affine import AffineWeight, affine_linear
 from .fp8 import Fp8Weight, fp8_linear
 
-BF16, FP8, INT4, INT8 = 0, 1, 2, 3  # csrc/quant.cpp's Kind
+BF16, FP8, INT4, INT8 = 0, 1, 2, 3  # csrc/quant.h's Kind; + LANES: int4/int8 in the lane-major layout
+LANES = 2
 _NONE = torch.empty(0)
 _TILE_ROWS = 512  # prefill: rows dequantized to bf16 at once
 
@@ -25,7 +26,7 @@ def kernel_args(w) -> tuple | None:
     if isinstance(w, Fp8Weight):
         return (w.weight.view(torch.uint8), w.scale_inv, _NONE, FP8, 128) if w.block == (128, 128) else None
     if isinstance(w, AffineWeight) and w.scales.dtype == torch.bfloat16:
-        return w.weight, w.scales, w.biases, INT4 if w.bits == 4 else INT8, w.group_size
+        return w.weight, w.scales, w.biases, (INT4 if w.bits == 4 else INT8) + (LANES if w.lanes else 0), w.group_size
     return None
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..model.affine import AffineScales
 from ..model.config import ModelArgs
-from .affine import AffineWeight, affine_embed, affine_weight, to_dense
+from .affine import AffineWeight, affine_embed, affine_weight, lanes_fit, to_dense, to_lanes
 from .base import AttentionWeights, MlpWeights, MoeWeights
 from .cpu_ext import cpu_kernels
 from .fp8 import Fp8Weight, dequantize, scaled_mm_linear, scaled_mm_supported, split_kv_b
@@ -116,9 +116,14 @@ class TorchBackend:
     # ---- weights: checkpoint tensors (CPU) -> this backend's resident form
     def linear_weight(self, weight: torch.Tensor, scales: torch.Tensor | AffineScales | None) -> Weight:
         """Dense weights take the compute dtype; FP8 weights stay FP8 with their block scales; MLX affine
-        weights stay packed, their scales and biases in the compute dtype."""
+        weights stay packed, their scales and biases in the compute dtype — and where our decode kernel runs,
+        rows of whole 16-group spans take its lane-major byte order (a copy; the mapped pages are let go)."""
         if isinstance(scales, AffineScales):
-            return affine_weight(weight, scales, self.dtype, self.device)
+            w = affine_weight(weight, scales, self.dtype, self.device)
+            if self.kernels is None or not lanes_fit(w):
+                return w
+            _page_out(weight)
+            return to_lanes(w)
         if scales is not None:
             assert self.args.fp8_block is not None
             return Fp8Weight(weight.to(self.device), scales.to(self.device), self.args.fp8_block)

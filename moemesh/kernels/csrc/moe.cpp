@@ -46,6 +46,7 @@ void add_weighted(at::BFloat16* dst, const at::BFloat16* y, float weight, int64_
 // layout share one arrangement (in a decode step of one token, every expert of the layer).
 struct Arrangement {
   int64_t kind, K, group;
+  bool lanes;
   std::vector<int64_t> tokens;
   std::shared_ptr<const Acts> acts;
 };
@@ -54,9 +55,9 @@ std::shared_ptr<const Acts> arranged(const QLinear& w, const Expert& e, std::vec
   std::vector<int64_t> tokens;
   for (const auto& row : e.rows) tokens.push_back(row.first);
   for (const Arrangement& a : known)
-    if (a.kind == w.kind && a.K == w.K && a.group == w.group && a.tokens == tokens) return a.acts;
+    if (a.kind == w.kind && a.K == w.K && a.group == w.group && a.lanes == w.lanes && a.tokens == tokens) return a.acts;
   auto acts = std::make_shared<const Acts>(prepare(w, e.x.data(), static_cast<int64_t>(tokens.size())));
-  known.push_back({w.kind, w.K, w.group, std::move(tokens), acts});
+  known.push_back({w.kind, w.K, w.group, w.lanes, std::move(tokens), acts});
   return acts;
 }
 

@@ -28,9 +28,11 @@ QLinear qlinear(const QArgs& args, const char* what) {
     TORCH_CHECK(scales.size(0) == (q.N + FP8_BLOCK - 1) / FP8_BLOCK && scales.size(1) == q.block_cols, what, ": block scales shape ", scales.sizes());
     q.block_scales = scales.data_ptr<float>();
   } else {
-    TORCH_CHECK(kind == KIND_INT4 || kind == KIND_INT8, what, ": unknown weight kind ", kind);
+    TORCH_CHECK(kind >= KIND_INT4 && kind <= KIND_INT8_LANES, what, ": unknown weight kind ", kind);
+    q.lanes = kind >= KIND_INT4_LANES;
+    q.kind = q.lanes ? kind - (KIND_INT4_LANES - KIND_INT4) : kind;
     TORCH_CHECK(w.element_size() == 4, what, ": affine weights are 32-bit words");
-    q.K = w.size(1) * (kind == KIND_INT4 ? 8 : 4);
+    q.K = w.size(1) * (q.kind == KIND_INT4 ? 8 : 4);
     TORCH_CHECK(group == 32 || group == 64 || group == 128, what, ": group size ", group);
     TORCH_CHECK(q.K % group == 0, what, ": ", q.K, " inputs are not whole groups of ", group);
     check_bf16(scales, what);
@@ -38,6 +40,7 @@ QLinear qlinear(const QArgs& args, const char* what) {
     TORCH_CHECK(scales.size(0) == q.N && scales.size(1) == q.K / group && biases.sizes() == scales.sizes(), what, ": scales shape ", scales.sizes());
     q.scales = scales.data_ptr<at::BFloat16>();
     q.biases = biases.data_ptr<at::BFloat16>();
+    TORCH_CHECK(!q.lanes || q.groups() % 16 == 0, what, ": a lane-major weight holds whole spans of 16 groups");
   }
   return q;
 }
@@ -87,8 +90,11 @@ void dequant_row(const QLinear& w, int64_t row, float* out) {
     default: {
       const at::BFloat16* s = w.scales + row * w.groups();
       const at::BFloat16* b = w.biases + row * w.groups();
+      const int64_t gb = w.group_bytes(), span = w.span_bytes();
       for (int64_t i = 0; i < w.K; ++i) {
-        const int q = w.kind == KIND_INT4 ? (p[i / 2] >> (4 * (i & 1))) & 15 : p[i];
+        int64_t byte = w.kind == KIND_INT4 ? i / 2 : i;
+        if (w.lanes) byte = byte / span * span + lanes_byte(byte % span, gb);
+        const int q = w.kind == KIND_INT4 ? (p[byte] >> (4 * (i & 1))) & 15 : p[byte];
         out[i] = q * bf(s[i / w.group]) + bf(b[i / w.group]);
       }
     }
@@ -153,6 +159,25 @@ void arrange(const QLinear& w, const uint16_t* x, uint16_t* const* s) {
   }
 }
 
+// A lane-major weight's streams (see lanes_source_byte in quant.h), walking x in order: value i of group l of a
+// span lies in chunk p, u16 lane 2l + e of that chunk, as nibble t (int4: i = 8p + 4e + t) or as byte h
+// (int8: i = 4p + 2e + h, its low nibble in stream 2h against x, its high one in stream 2h + 1 against 16 x).
+// K is whole spans, so there are no tails.
+void arrange_lanes(const QLinear& w, const uint16_t* x, uint16_t* const* s) {
+  const int64_t g = w.group, span_chunks = w.span_bytes() / CHUNK_BYTES;
+  for (int64_t c0 = 0, v = 0; v < w.K; c0 += span_chunks)
+    for (int64_t l = 0; l < 16; ++l)
+      for (int64_t i = 0; i < g; ++i, ++v) {
+        if (w.kind == KIND_INT4) {
+          s[i % 4][32 * (c0 + i / 8) + 2 * l + i % 8 / 4] = x[v];
+        } else {
+          const int64_t at = 32 * (c0 + i / 4) + 2 * l + i % 4 / 2, h = i % 2;
+          s[2 * h][at] = x[v];
+          s[2 * h + 1][at] = at::BFloat16(16.0f * bf16_to_float(x[v])).x;
+        }
+      }
+}
+
 // Sum of x per group (x's K a multiple of the group, itself a multiple of 32).
 void group_sums(const uint16_t* x, int64_t K, int64_t group, float* sums) {
   for (int64_t g = 0; g < K / group; ++g) {
@@ -175,12 +200,16 @@ Acts prepare(const QLinear& w, const at::BFloat16* x, int64_t M) {
   for (int64_t m = 0; m < M; ++m) {
     uint16_t* s[4] = {};
     for (int t = 0; t < acts.streams; ++t) s[t] = acts.x.data() + (m * acts.streams + t) * acts.width;
-    arrange(w, xb + m * w.K, s);
+    if (w.lanes)
+      arrange_lanes(w, xb + m * w.K, s);
+    else
+      arrange(w, xb + m * w.K, s);
   }
   if (w.kind == KIND_FP8) return acts;
   const int64_t G = w.groups(), per_lane = w.kind == KIND_INT4 ? 8 : 4;
   acts.sums.resize(M * G);
   for (int64_t m = 0; m < M; ++m) group_sums(xb + m * w.K, w.K, w.group, acts.sums.data() + m * G);
+  if (w.lanes) return acts;  // lane l of a span is group l: no table
   // fp32 lane l of chunk c's dot products covers `per_lane` values from c * chunk + l * per_lane on; its
   // group within the chunk's 16-group span, per chunk position in the span
   const int64_t span = 16 * w.group / w.chunk();
@@ -266,6 +295,64 @@ void rows_affine(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int r
   for (int m = 0; m < M; ++m) reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * ROWS);
 }
 
+// rows_affine for a lane-major weight: fp32 lane l of every chunk of a span belongs to group l, so the products
+// accumulate over the whole span and its 16 scales apply once, at its end. One token keeps two chains per row
+// (n0, n1 and n2, n3) so that more chunks are in flight; more tokens keep one each (registers).
+template <int M>
+void rows_affine_lanes(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, float* out) {
+  const int64_t rb = w.row_bytes(), G = w.groups(), span_chunks = w.span_bytes() / CHUNK_BYTES;
+  const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  const __m512 offset = _mm512_set1_ps(w.kind == KIND_INT4 ? 128.0f : 128.0f + 16.0f * 128.0f);
+  constexpr bool two_chains = M == 1;
+  const uint8_t* wr[ROWS];
+  const uint16_t *sr[ROWS], *br[ROWS];
+  for (int r = 0; r < ROWS; ++r) {  // rows past the end repeat row 0; their results are dropped
+    const int64_t row = r0 + (r < rows ? r : 0);
+    wr[r] = w.w + row * rb;
+    sr[r] = reinterpret_cast<const uint16_t*>(w.scales) + row * G;
+    br[r] = reinterpret_cast<const uint16_t*>(w.biases) + row * G;
+  }
+  __m512 acc[M][ROWS];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t g0 = 0, c0 = 0; g0 < G; g0 += 16, c0 += span_chunks) {
+    __m512 da[M][ROWS], db[M][ROWS];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < ROWS; ++r) da[m][r] = db[m][r] = _mm512_setzero_ps();
+    for (int64_t c = c0; c < c0 + span_chunks; ++c) {
+      __m512bh xt[M][4];
+      for (int m = 0; m < M; ++m)
+        for (int t = 0; t < 4; ++t) xt[m][t] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, t) + c * 32);
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + c * CHUNK_BYTES + PREFETCH_ROWS * rb), _MM_HINT_T1);
+        __m512i v = _mm512_loadu_si512(wr[r] + c * CHUNK_BYTES);
+        __asm__("" : "+v"(v));  // one load: folded into each shift, it would be four
+        const __m512bh n0 = (__m512bh)_mm512_ternarylogic_epi32(v, low4, magic, 0xEA);  // (v >> 4t) & 15 | magic
+        const __m512bh n1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, magic, 0xEA);
+        const __m512bh n2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low4, magic, 0xEA);
+        const __m512bh n3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
+        for (int m = 0; m < M; ++m) {
+          da[m][r] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(da[m][r], n0, xt[m][0]), n1, xt[m][1]);
+          __m512& second = two_chains ? db[m][r] : da[m][r];
+          second = _mm512_dpbf16_ps(_mm512_dpbf16_ps(second, n2, xt[m][2]), n3, xt[m][3]);
+        }
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {  // y += sum_g s_g (D_g - offset X_g) + b_g X_g over the span's groups
+      const __m512 sv = bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sr[r] + g0)));
+      const __m512 shift = _mm512_fnmadd_ps(
+          sv, offset, bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(br[r] + g0))));
+      for (int m = 0; m < M; ++m) {
+        const __m512 d = two_chains ? _mm512_add_ps(da[m][r], db[m][r]) : da[m][r];
+        acc[m][r] = _mm512_fmadd_ps(d, sv, _mm512_fmadd_ps(shift, _mm512_loadu_ps(xs.sums.data() + (m0 + m) * G + g0),
+                                                            acc[m][r]));
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * ROWS);
+}
+
 #if defined(__AVX512VBMI__)
 // e4m3 -> bf16 for 64 bytes at once, exactly: the bf16's low and high bytes are functions of the 7-bit
 // magnitude (two 128-entry byte tables, one VPERMI2B each; subnormals m * 2^-9 become normal bf16 numbers),
@@ -344,6 +431,7 @@ void rows_q(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, 
 #if defined(__AVX512VBMI__)
   if (w.kind == KIND_FP8) return rows_fp8<M>(w, xs, m0, r0, rows, out);
 #endif
+  if (w.lanes) return rows_affine_lanes<M>(w, xs, m0, r0, rows, out);
   if (w.kind != KIND_FP8) return rows_affine<M>(w, xs, m0, r0, rows, out);
 #endif
   rows_dequant<M>(w, xs, m0, r0, rows, out);
