@@ -117,7 +117,8 @@ def test_lane_major_layout(bits, group, m):
     for out, inp in ((37, 16 * group), (70, 48 * group)):
         w = affine(out, inp, bits, group)
         assert lanes_fit(w)
-        lanes = to_lanes(w)
+        lanes = to_lanes(w, kernels)
+        assert torch.equal(lanes.weight, to_lanes(w).weight)  # C++ and torch: the same layout
         assert not torch.equal(lanes.weight, w.weight) and torch.equal(lanes.words(), w.weight)
         assert torch.equal(dense(lanes), dense(w))
         assert torch.equal(kernels.dequantize_q(kernel_args(lanes), 3, out), kernels.dequantize_q(kernel_args(w), 3, out))

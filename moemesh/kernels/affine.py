@@ -3,13 +3,14 @@
 They stay packed in memory. Decode steps run our C++ kernel (csrc/quant.cpp), which multiplies the
 packed values directly; everything else dequantizes a band of rows at a time and calls torch's matmul,
 so no full-size float copy of the weight ever exists. Where that kernel runs, the torch backend holds
-weights of whole 16-group spans in a lane-major byte order (`to_lanes`): the same bytes, permuted within
+weights of whole 16-group spans in a lane-major order (`to_lanes`): the same words, transposed within
 each span, which the kernel multiplies with ~20% less work; `words` gives them back in MLX order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -46,28 +47,16 @@ class AffineWeight:
 
     def words(self) -> torch.Tensor:
         """The packed words in MLX's order."""
-        if not self.lanes:
-            return self.weight
-        order = lanes_order(self.bits, self.group_size)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel())
-        return _permute_spans(self.weight, inverse)
+        return _transpose_spans(self.weight, self.bits, self.group_size, to_lanes=False) if self.lanes else self.weight
 
 
-def lanes_order(bits: int, group_size: int) -> torch.Tensor:
-    """The lane-major layout (csrc/quant.h, `lanes_source_byte`): for each byte of a span of 16 groups, the
-    MLX-order byte of the span it holds. Chunk p = b // 64 of the span, u16 lane j = b % 64 // 2, byte h = b % 2
-    hold group j // 2's bytes 4p + 2 (j % 2) + h: every fp32 lane of a chunk keeps to one group."""
-    group_bytes = group_size * bits // 8
-    b = torch.arange(16 * group_bytes)
-    p, j, h = b // 64, b % 64 // 2, b % 2
-    return j // 2 * group_bytes + 4 * p + 2 * (j % 2) + h
-
-
-def _permute_spans(words: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    rows = words.shape[0]
-    spans = words.contiguous().view(torch.uint8).view(rows, -1, order.numel())
-    return spans[:, :, order].reshape(rows, -1).view(torch.int32)
+def _transpose_spans(words: torch.Tensor, bits: int, group_size: int, to_lanes: bool) -> torch.Tensor:
+    """The lane-major layout (csrc/quant.h): in each span of 16 groups of a row, the 32-bit words held as
+    [16 groups, words per group] in MLX's order are held transposed, so that the 16 words of every 64-byte
+    chunk (one fp32 lane each) come one from each group."""
+    rows, per_group = words.shape[0], group_size * bits // 32
+    spans = words.contiguous().view(rows, -1, 16, per_group) if to_lanes else words.view(rows, -1, per_group, 16)
+    return spans.transpose(2, 3).contiguous().view(rows, -1)
 
 
 def lanes_fit(w: AffineWeight) -> bool:
@@ -76,10 +65,12 @@ def lanes_fit(w: AffineWeight) -> bool:
             and w.scales.shape[-1] % 16 == 0)
 
 
-def to_lanes(w: AffineWeight) -> AffineWeight:
-    """A copy of w in the lane-major layout (for the decode kernel; same bytes, permuted within each span)."""
-    return AffineWeight(_permute_spans(w.weight, lanes_order(w.bits, w.group_size)), w.scales, w.biases, w.bits,
-                        w.group_size, lanes=True)
+def to_lanes(w: AffineWeight, kernels: ModuleType | None = None) -> AffineWeight:
+    """A copy of w in the lane-major layout (for the decode kernel; the same words, transposed per span): by
+    the CPU kernels' parallel copy where given (a load's cost), else by torch."""
+    words = (kernels.to_lanes_q(w.weight, w.bits, w.group_size) if kernels is not None
+             else _transpose_spans(w.weight, w.bits, w.group_size, to_lanes=True))
+    return AffineWeight(words, w.scales, w.biases, w.bits, w.group_size, lanes=True)
 
 
 def affine_weight(weight: torch.Tensor, s: AffineScales, dtype: torch.dtype, device: torch.device) -> AffineWeight:

@@ -122,8 +122,9 @@ class TorchBackend:
             w = affine_weight(weight, scales, self.dtype, self.device)
             if self.kernels is None or not lanes_fit(w):
                 return w
+            lanes = to_lanes(w, self.kernels)
             _page_out(weight)
-            return to_lanes(w)
+            return lanes
         if scales is not None:
             assert self.args.fp8_block is not None
             return Fp8Weight(weight.to(self.device), scales.to(self.device), self.args.fp8_block)

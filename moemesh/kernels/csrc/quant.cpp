@@ -159,7 +159,7 @@ void arrange(const QLinear& w, const uint16_t* x, uint16_t* const* s) {
   }
 }
 
-// A lane-major weight's streams (see lanes_source_byte in quant.h), walking x in order: value i of group l of a
+// A lane-major weight's streams (see lanes_byte in quant.h), walking x in order: value i of group l of a
 // span lies in chunk p, u16 lane 2l + e of that chunk, as nibble t (int4: i = 8p + 4e + t) or as byte h
 // (int8: i = 4p + 2e + h, its low nibble in stream 2h against x, its high one in stream 2h + 1 against 16 x).
 // K is whole spans, so there are no tails.
@@ -492,6 +492,25 @@ torch::Tensor linear_q(torch::Tensor x, QArgs weight) {
   auto y = torch::empty({x.size(0), w.N}, x.options());
   linear_q_into(w, x.data_ptr<at::BFloat16>(), x.size(0), y.data_ptr<at::BFloat16>());
   return y;
+}
+
+// The lane-major copy of packed words [rows, K * bits / 32] (see lanes_byte in quant.h): each span's words
+// transposed, [16 groups][words per group] -> [words per group][16]. What a load costs: a copy.
+torch::Tensor to_lanes_q(torch::Tensor words, int64_t bits, int64_t group) {
+  TORCH_CHECK(words.dim() == 2 && words.is_contiguous() && words.element_size() == 4 && words.device().is_cpu(),
+              "to_lanes_q: contiguous 2-D CPU words of 32 bits");
+  const int64_t per_group = group * bits / 32, span = 16 * per_group;
+  TORCH_CHECK((bits == 4 || bits == 8) && per_group > 0 && words.size(1) % span == 0,
+              "to_lanes_q: rows of ", words.size(1), " words are not whole spans of 16 groups of ", group);
+  auto out = torch::empty_like(words);
+  const auto* in = static_cast<const uint32_t*>(words.data_ptr());
+  auto* o = static_cast<uint32_t*>(out.data_ptr());
+  at::parallel_for(0, words.numel() / span, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin * span; s < end * span; s += span)
+      for (int64_t w = 0; w < per_group; ++w)
+        for (int64_t g = 0; g < 16; ++g) o[s + 16 * w + g] = in[s + per_group * g + w];
+  });
+  return out;
 }
 
 // Rows [row_begin, row_end) of the weight as bf16 (w * scale in fp32, rounded once): prefill's tiles.

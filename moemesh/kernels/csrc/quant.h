@@ -20,7 +20,7 @@ struct QLinear {
   int64_t block_cols;
   const at::BFloat16* scales;       // affine: [N, K/group]
   const at::BFloat16* biases;
-  bool lanes = false;               // affine in the lane-major layout (see lanes_source_byte)
+  bool lanes = false;               // affine in the lane-major layout (see lanes_byte)
 
   int64_t row_bytes() const { return kind == KIND_INT4 ? K / 2 : (kind == KIND_BF16 ? 2 * K : K); }
   int64_t groups() const { return K / group; }
@@ -31,20 +31,15 @@ struct QLinear {
   int64_t span_bytes() const { return 16 * group_bytes(); }  // 16 groups: one fp32 vector of scales
 };
 
-// The lane-major layout of an affine weight, which the torch backend repacks rows into at load
-// (kernels/affine.py `to_lanes`): the bytes of each span of 16 groups are permuted so that fp32 lane l of every
-// 64-byte chunk in the span (u16 lanes 2l and 2l+1) holds bytes of group l only. The decode kernel then
+// The lane-major layout of an affine weight, which the torch backend holds rows in (kernels/affine.py
+// `to_lanes`): within each span of 16 groups, the 32-bit words — [16 groups][group_bytes / 4] in MLX's order —
+// are stored transposed, [group_bytes / 4][16]. So word l of every 64-byte chunk of the span (fp32 lane l, u16
+// lanes 2l and 2l + 1) holds bytes of group l only, chunk p holding its bytes 4p..4p+3. The decode kernel then
 // accumulates a whole span's products per lane and applies the 16 scales once per span, instead of permuting
-// scales and multiplying once per chunk (~20% less compute per weight). Byte b of a span (chunk p = b / 64,
-// u16 lane j = b % 64 / 2, byte h = b % 2) holds the MLX-layout byte:
-inline int64_t lanes_source_byte(int64_t b, int64_t group_bytes) {
-  const int64_t p = b / 64, j = b % 64 / 2, h = b % 2;
-  return j / 2 * group_bytes + 4 * p + 2 * (j % 2) + h;
-}
-// ... and MLX-layout byte b of a span sits at:
+// scales and multiplying once per chunk (~20% less compute per weight). MLX-order byte b of a span sits at:
 inline int64_t lanes_byte(int64_t b, int64_t group_bytes) {
-  const int64_t l = b / group_bytes, p = b % group_bytes / 4, q = b % 4;
-  return 64 * p + 2 * (2 * l + q / 2) + q % 2;
+  const int64_t group = b / group_bytes, word = b % group_bytes / 4;
+  return 4 * (16 * word + group) + b % 4;
 }
 
 // The few tokens' activations, arranged for one weight format. A chunk of weights is one 64-byte load, seen
