@@ -62,7 +62,7 @@ def _transpose_spans(words: torch.Tensor, bits: int, group_size: int, to_lanes: 
 def lanes_fit(w: AffineWeight) -> bool:
     """Whether w can take the lane-major layout: bf16 scales (the kernels'), rows of whole 16-group spans."""
     return (not w.lanes and w.bits in (4, 8) and w.scales.dtype == torch.bfloat16 and w.weight.dim() == 2
-            and w.scales.shape[-1] % 16 == 0)
+            and w.weight.is_contiguous() and w.scales.shape[-1] % 16 == 0)
 
 
 def to_lanes(w: AffineWeight, kernels: ModuleType | None = None) -> AffineWeight:
