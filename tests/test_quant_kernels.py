@@ -129,6 +129,21 @@ def test_lane_major_layout(bits, group, m):
     assert not lanes_fit(affine(8, 8 * group, bits, group)) and not lanes_fit(to_lanes(w))
 
 
+def test_huge_page_arena_hands_out_separate_aligned_tensors():
+    from moemesh.kernels.memory import HugePageArena
+
+    arena = HugePageArena()
+    shapes = [(3, 5), (1000, 1000), (7,), (HugePageArena.CHUNK // 8, 2), (64, 64)]  # the 4th is a region of its own
+    tensors = [arena.empty(shape, torch.int32) for shape in shapes]
+    for i, t in enumerate(tensors):
+        assert t.shape == shapes[i] and t.data_ptr() % 64 == 0
+        t.fill_(i)
+    for i, t in enumerate(tensors):  # nothing written through one tensor shows in another
+        assert (t == i).all()
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+
+
 @needs_kernels
 def test_backend_holds_whole_span_weights_lane_major():
     """linear_weight repacks what the kernels can take lane-major (and only where they run); experts, MLPs and

@@ -65,11 +65,15 @@ def lanes_fit(w: AffineWeight) -> bool:
             and w.weight.is_contiguous() and w.scales.shape[-1] % 16 == 0)
 
 
-def to_lanes(w: AffineWeight, kernels: ModuleType | None = None) -> AffineWeight:
-    """A copy of w in the lane-major layout (for the decode kernel; the same words, transposed per span): by
-    the CPU kernels' parallel copy where given (a load's cost), else by torch."""
-    words = (kernels.to_lanes_q(w.weight, w.bits, w.group_size) if kernels is not None
-             else _transpose_spans(w.weight, w.bits, w.group_size, to_lanes=True))
+def to_lanes(w: AffineWeight, kernels: ModuleType | None = None, out: torch.Tensor | None = None) -> AffineWeight:
+    """A copy of w in the lane-major layout (for the decode kernel; the same words, transposed per span), into
+    `out` if given: by the CPU kernels' parallel copy where given (a load's cost), else by torch."""
+    if kernels is None:
+        words = _transpose_spans(w.weight, w.bits, w.group_size, to_lanes=True)
+        words = words if out is None else out.copy_(words)
+    else:
+        words = torch.empty_like(w.weight) if out is None else out
+        kernels.to_lanes_q(w.weight, w.bits, w.group_size, words)
     return AffineWeight(words, w.scales, w.biases, w.bits, w.group_size, lanes=True)
 
 

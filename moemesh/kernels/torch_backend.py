@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import mmap
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +21,7 @@ from .affine import AffineWeight, affine_embed, affine_weight, lanes_fit, to_den
 from .base import AttentionWeights, MlpWeights, MoeWeights
 from .cpu_ext import cpu_kernels
 from .fp8 import Fp8Weight, dequantize, scaled_mm_linear, scaled_mm_supported, split_kv_b
+from .memory import HugePageArena, page_out
 from .quant_ops import kernel_args, quantized_linear
 
 Weight = torch.Tensor | Fp8Weight | AffineWeight
@@ -30,20 +29,7 @@ HeadsWeight = torch.Tensor | Fp8Weight | AffineWeight  # per head: [heads, out, 
 # Up to this many tokens a step is a decode step: matrix-vector work bound by reading the weights.
 DECODE_TOKENS = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LIBC = ctypes.CDLL(None)
-_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only
-_MADV_PAGEOUT = 21  # Linux >= 5.4
-
-
-def _page_out(t: torch.Tensor) -> None:
-    """Drop the pages wholly inside t's bytes from this process's resident set, where t was copied and is
-    not read again: checkpoint pages stay mapped, and counted, until reclaimed. Nothing is lost — clean file
-    pages are re-read, anonymous ones swapped — and kernels without MADV_PAGEOUT ignore the hint."""
-    page = mmap.PAGESIZE
-    start = -(-t.data_ptr() // page) * page
-    end = (t.data_ptr() + t.nbytes) // page * page
-    if end > start and sys.platform == "linux":
-        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
 
 
 @dataclass
@@ -108,6 +94,7 @@ class TorchBackend:
         self.dtype = DTYPES[dtype]
         # Our decode matmuls (few tokens, bf16 weights) where they build; torch's ops otherwise.
         self.kernels = cpu_kernels() if self.device.type == "cpu" and self.dtype == torch.bfloat16 else None
+        self._arena = HugePageArena()  # the copies loading makes (CPU)
         self.element_size = torch.tensor([], dtype=self.dtype).element_size()
         inv_freq, self.rope_factor = rope_frequencies(args)
         self.inv_freq = inv_freq.to(self.device)
@@ -122,8 +109,8 @@ class TorchBackend:
             w = affine_weight(weight, scales, self.dtype, self.device)
             if self.kernels is None or not lanes_fit(w):
                 return w
-            lanes = to_lanes(w, self.kernels)
-            _page_out(weight)
+            lanes = to_lanes(w, self.kernels, self._arena.empty(tuple(w.weight.shape), w.weight.dtype))
+            page_out(weight)
             return lanes
         if scales is not None:
             assert self.args.fp8_block is not None
@@ -143,7 +130,7 @@ class TorchBackend:
         h, nope, v, kv_lora = a.num_attention_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
         split = split_kv_b(Fp8Weight(weight, scales, a.fp8_block), h, nope, v) if isinstance(scales, torch.Tensor) else None
         if split is not None:
-            _page_out(weight)  # both halves are copies
+            page_out(weight)  # both halves are copies
             return tuple(Fp8Weight(w.weight.to(self.device), w.scale_inv.to(self.device), w.block) for w in split)
         if isinstance(scales, AffineScales):
             weight = to_dense(affine_weight(weight, scales, torch.float32, weight.device), torch.float32)
@@ -240,11 +227,15 @@ class TorchBackend:
         if not (isinstance(gate, torch.Tensor) and isinstance(up, torch.Tensor) and gate.shape == up.shape
                 and gate.dtype == up.dtype):
             return gate, up
-        both = torch.cat([gate, up])
-        if both.device.type == "cpu":
-            _page_out(gate)
-            _page_out(up)
-        return both[: gate.shape[0]], both[gate.shape[0] :]
+        rows = gate.shape[0]
+        if gate.device.type != "cpu":
+            both = torch.cat([gate, up])
+            return both[:rows], both[rows:]
+        both = self._arena.empty((2 * rows, gate.shape[1]), gate.dtype)
+        both[:rows], both[rows:] = gate, up
+        page_out(gate)
+        page_out(up)
+        return both[:rows], both[rows:]
 
     @staticmethod
     def _gate_up(w: MlpWeights) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ torch::Tensor experts_q(torch::Tensor x, torch::Tensor ids, torch::Tensor weight
                         std::vector<QArgs> gates, std::vector<QArgs> ups, std::vector<QArgs> downs,
                         std::vector<QArgs> shared);
 torch::Tensor dequantize_q(QArgs weight, int64_t row_begin, int64_t row_end);
-torch::Tensor to_lanes_q(torch::Tensor words, int64_t bits, int64_t group);
+void to_lanes_q(torch::Tensor words, int64_t bits, int64_t group, torch::Tensor out);
 }  // namespace moemesh
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -29,6 +29,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mlp_q", &moemesh::mlp_q, "SwiGLU MLP for a few bf16 tokens; weights in any linear_q format");
   m.def("experts_q", &moemesh::experts_q, "a MoE layer (routed + shared experts) for a few bf16 tokens; weights in any linear_q format");
   m.def("dequantize_q", &moemesh::dequantize_q, "rows of a linear_q weight as bf16");
-  m.def("to_lanes_q", &moemesh::to_lanes_q, "packed int4/int8 words in the kernels' lane-major layout (a copy)");
+  m.def("to_lanes_q", &moemesh::to_lanes_q, "out = packed int4/int8 words in the kernels' lane-major layout");
   m.def("mla_decode", &moemesh::mla_decode, "MLA decode attention (absorbed form) for one request");
 }

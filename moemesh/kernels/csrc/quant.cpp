@@ -494,15 +494,16 @@ torch::Tensor linear_q(torch::Tensor x, QArgs weight) {
   return y;
 }
 
-// The lane-major copy of packed words [rows, K * bits / 32] (see lanes_byte in quant.h): each span's words
-// transposed, [16 groups][words per group] -> [words per group][16]. What a load costs: a copy.
-torch::Tensor to_lanes_q(torch::Tensor words, int64_t bits, int64_t group) {
+// out = the lane-major copy of packed words [rows, K * bits / 32] (see lanes_byte in quant.h): each span's
+// words transposed, [16 groups][words per group] -> [words per group][16]. What a load costs: a copy.
+void to_lanes_q(torch::Tensor words, int64_t bits, int64_t group, torch::Tensor out) {
   TORCH_CHECK(words.dim() == 2 && words.is_contiguous() && words.element_size() == 4 && words.device().is_cpu(),
               "to_lanes_q: contiguous 2-D CPU words of 32 bits");
+  TORCH_CHECK(out.sizes() == words.sizes() && out.is_contiguous() && out.element_size() == 4 && out.device().is_cpu(),
+              "to_lanes_q: out must be a contiguous CPU tensor of the words' shape");
   const int64_t per_group = group * bits / 32, span = 16 * per_group;
   TORCH_CHECK((bits == 4 || bits == 8) && per_group > 0 && words.size(1) % span == 0,
               "to_lanes_q: rows of ", words.size(1), " words are not whole spans of 16 groups of ", group);
-  auto out = torch::empty_like(words);
   const auto* in = static_cast<const uint32_t*>(words.data_ptr());
   auto* o = static_cast<uint32_t*>(out.data_ptr());
   at::parallel_for(0, words.numel() / span, 64, [&](int64_t begin, int64_t end) {
@@ -510,7 +511,6 @@ torch::Tensor to_lanes_q(torch::Tensor words, int64_t bits, int64_t group) {
       for (int64_t w = 0; w < per_group; ++w)
         for (int64_t g = 0; g < 16; ++g) o[s + 16 * w + g] = in[s + per_group * g + w];
   });
-  return out;
 }
 
 // Rows [row_begin, row_end) of the weight as bf16 (w * scale in fp32, rounded once): prefill's tiles.
