@@ -12,7 +12,7 @@ import sys
 import torch
 
 _LIBC = ctypes.CDLL(None)
-_MADV_HUGEPAGE, _MADV_PAGEOUT = 14, 21  # Linux (PAGEOUT: >= 5.4); other kernels ignore or refuse the hint
+_MADV_DONTNEED, _MADV_HUGEPAGE, _MADV_PAGEOUT = 4, 14, 21  # Linux (PAGEOUT: >= 5.4); others ignore or refuse
 _HUGE = 2 << 20
 
 
@@ -21,13 +21,17 @@ def _madvise(start: int, length: int, advice: int) -> None:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice)
 
 
+def _whole_pages(t: torch.Tensor) -> tuple[int, int]:
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    return start, (t.data_ptr() + t.nbytes) // page * page - start
+
+
 def page_out(t: torch.Tensor) -> None:
     """Drop the pages wholly inside t's bytes from this process's resident set, where t was copied and is
     not read again: checkpoint pages stay mapped, and counted, until reclaimed. Nothing is lost — clean file
     pages are re-read, anonymous ones swapped — and kernels without MADV_PAGEOUT ignore the hint."""
-    page = mmap.PAGESIZE
-    start = -(-t.data_ptr() // page) * page
-    _madvise(start, (t.data_ptr() + t.nbytes) // page * page - start, _MADV_PAGEOUT)
+    _madvise(*_whole_pages(t), _MADV_PAGEOUT)
 
 
 class HugePageArena:
@@ -62,3 +66,8 @@ class HugePageArena:
             buffer, offset = self._chunk, self._next
             self._next += -(-nbytes // 64) * 64  # 64-byte aligned: one cache line per kernel load
         return buffer[offset : offset + nbytes].view(dtype).view(shape)
+
+    @staticmethod
+    def release(t: torch.Tensor) -> None:
+        """Free the memory of a tensor from this arena that nothing reads again (its chunk stays mapped)."""
+        _madvise(*_whole_pages(t), _MADV_DONTNEED)
