@@ -240,6 +240,21 @@ void rows_dequant(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int 
 #if defined(__AVX512BF16__)
 inline __mmask64 tail_mask(int64_t left) { return left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1; }
 
+// ROWS rows from r0 of an affine weight: packed bytes, scales, biases. Rows past the weight's end (fewer than
+// ROWS left) repeat row r0; their results are dropped.
+struct AffineRows {
+  const uint8_t* w[ROWS];
+  const uint16_t *s[ROWS], *b[ROWS];
+  AffineRows(const QLinear& q, int64_t r0, int rows) {
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t row = r0 + (r < rows ? r : 0);
+      w[r] = q.w + row * q.row_bytes();
+      s[r] = reinterpret_cast<const uint16_t*>(q.scales) + row * q.groups();
+      b[r] = reinterpret_cast<const uint16_t*>(q.biases) + row * q.groups();
+    }
+  }
+};
+
 // Rows of an affine weight against M tokens. Per row, y = sum_g s_g (D_g - offset X_g) + b_g X_g (see the
 // top of the file); the bias term goes into the same accumulators, 16 groups at a time, so each row ends
 // in one horizontal sum.
@@ -249,14 +264,9 @@ void rows_affine(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int r
   const int64_t span = 16 * w.group / w.chunk();  // chunks per 16 groups: their scales are one fp32 vector
   const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);  // bf16(128 + q) = 0x4300 | q
   const __m512 offset = _mm512_set1_ps(w.kind == KIND_INT4 ? 128.0f : 128.0f + 16.0f * 128.0f);
-  const uint8_t* wr[ROWS];
-  const uint16_t *sr[ROWS], *br[ROWS];
-  for (int r = 0; r < ROWS; ++r) {  // rows past the end repeat row 0; their results are dropped
-    const int64_t row = r0 + (r < rows ? r : 0);
-    wr[r] = w.w + row * rb;
-    sr[r] = reinterpret_cast<const uint16_t*>(w.scales) + row * G;
-    br[r] = reinterpret_cast<const uint16_t*>(w.biases) + row * G;
-  }
+  const AffineRows rs(w, r0, rows);
+  const uint8_t* const* wr = rs.w;
+  const uint16_t *const *sr = rs.s, *const *br = rs.b;
   __m512 acc[M][ROWS];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -304,14 +314,9 @@ void rows_affine_lanes(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0,
   const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
   const __m512 offset = _mm512_set1_ps(w.kind == KIND_INT4 ? 128.0f : 128.0f + 16.0f * 128.0f);
   constexpr bool two_chains = M == 1;
-  const uint8_t* wr[ROWS];
-  const uint16_t *sr[ROWS], *br[ROWS];
-  for (int r = 0; r < ROWS; ++r) {  // rows past the end repeat row 0; their results are dropped
-    const int64_t row = r0 + (r < rows ? r : 0);
-    wr[r] = w.w + row * rb;
-    sr[r] = reinterpret_cast<const uint16_t*>(w.scales) + row * G;
-    br[r] = reinterpret_cast<const uint16_t*>(w.biases) + row * G;
-  }
+  const AffineRows rs(w, r0, rows);
+  const uint8_t* const* wr = rs.w;
+  const uint16_t *const *sr = rs.s, *const *br = rs.b;
   __m512 acc[M][ROWS];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_setzero_ps();
