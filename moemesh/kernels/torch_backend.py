@@ -142,7 +142,13 @@ class TorchBackend:
             page_out(t)
 
     def vector(self, t: torch.Tensor, fp32: bool = False) -> torch.Tensor:
-        return t.to(self.device, torch.float32 if fp32 else self.dtype)
+        """Norm weights, biases and the router (which decode streams too), in the compute dtype or float32."""
+        v = t.to(self.device, torch.float32 if fp32 else self.dtype)
+        if self.kernels is None:
+            return v
+        held = self._held(v)
+        self._let_go(t)
+        return held
 
     def absorbed_kv_b(self, weight: torch.Tensor, scales: torch.Tensor | AffineScales | None) -> tuple[HeadsWeight, HeadsWeight]:
         """Split kv_b_proj [heads*(nope+v), kv_lora] into per-head linear weights ([out, in], like every
