@@ -255,6 +255,20 @@ struct AffineRows {
   }
 };
 
+// The four nibbles of each u16 lane of v, each as the bf16 number 128 + q: (v >> 4t) & 15 | 0x4300.
+inline void unpack_nibbles(__m512i v, __m512bh* n) {
+  const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  n[0] = (__m512bh)_mm512_ternarylogic_epi32(v, low4, magic, 0xEA);  // A & B | C
+  n[1] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, magic, 0xEA);
+  n[2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low4, magic, 0xEA);
+  n[3] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
+}
+
+// What the group sums carry besides the bias (see the top of the file): 128 per nibble, int8's high one x16.
+inline __m512 affine_offset(const QLinear& w) {
+  return _mm512_set1_ps(w.kind == KIND_INT4 ? 128.0f : 128.0f + 16.0f * 128.0f);
+}
+
 // Rows of an affine weight against M tokens. Per row, y = sum_g s_g (D_g - offset X_g) + b_g X_g (see the
 // top of the file); the bias term goes into the same accumulators, 16 groups at a time, so each row ends
 // in one horizontal sum.
@@ -262,8 +276,7 @@ template <int M>
 void rows_affine(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, float* out) {
   const int64_t rb = w.row_bytes(), G = w.groups(), chunks = w.chunks();
   const int64_t span = 16 * w.group / w.chunk();  // chunks per 16 groups: their scales are one fp32 vector
-  const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);  // bf16(128 + q) = 0x4300 | q
-  const __m512 offset = _mm512_set1_ps(w.kind == KIND_INT4 ? 128.0f : 128.0f + 16.0f * 128.0f);
+  const __m512 offset = affine_offset(w);
   const AffineRows rs(w, r0, rows);
   const uint8_t* const* wr = rs.w;
   const uint16_t *const *sr = rs.s, *const *br = rs.b;
@@ -287,16 +300,12 @@ void rows_affine(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int r
         for (int t = 0; t < 4; ++t) xt[m][t] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, t) + c * 32);
       for (int r = 0; r < ROWS; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(wr[r] + c * CHUNK_BYTES + PREFETCH_ROWS * rb), _MM_HINT_T1);
-        const __m512i v = _mm512_maskz_loadu_epi8(mask, wr[r] + c * CHUNK_BYTES);
-        // the four nibbles of each u16 lane, each or'ed into magic: (v >> 4t) & 15 | magic
-        const __m512bh n0 = (__m512bh)_mm512_ternarylogic_epi32(v, low4, magic, 0xEA);
-        const __m512bh n1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, magic, 0xEA);
-        const __m512bh n2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low4, magic, 0xEA);
-        const __m512bh n3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
+        __m512bh n[4];
+        unpack_nibbles(_mm512_maskz_loadu_epi8(mask, wr[r] + c * CHUNK_BYTES), n);
         const __m512 s = _mm512_permutexvar_ps(lane_group, sv[r]);
         for (int m = 0; m < M; ++m) {  // one chain per row: the four rows' chains overlap
-          __m512 d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), n0, xt[m][0]), n1, xt[m][1]);
-          d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(d, n2, xt[m][2]), n3, xt[m][3]);
+          __m512 d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), n[0], xt[m][0]), n[1], xt[m][1]);
+          d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(d, n[2], xt[m][2]), n[3], xt[m][3]);
           acc[m][r] = _mm512_fmadd_ps(d, s, acc[m][r]);
         }
       }
@@ -311,8 +320,7 @@ void rows_affine(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int r
 template <int M>
 void rows_affine_lanes(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, float* out) {
   const int64_t rb = w.row_bytes(), G = w.groups(), span_chunks = w.span_bytes() / CHUNK_BYTES;
-  const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
-  const __m512 offset = _mm512_set1_ps(w.kind == KIND_INT4 ? 128.0f : 128.0f + 16.0f * 128.0f);
+  const __m512 offset = affine_offset(w);
   constexpr bool two_chains = M == 1;
   const AffineRows rs(w, r0, rows);
   const uint8_t* const* wr = rs.w;
@@ -333,14 +341,12 @@ void rows_affine_lanes(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0,
         _mm_prefetch(reinterpret_cast<const char*>(wr[r] + c * CHUNK_BYTES + PREFETCH_ROWS * rb), _MM_HINT_T1);
         __m512i v = _mm512_loadu_si512(wr[r] + c * CHUNK_BYTES);
         __asm__("" : "+v"(v));  // one load: folded into each shift, it would be four
-        const __m512bh n0 = (__m512bh)_mm512_ternarylogic_epi32(v, low4, magic, 0xEA);  // (v >> 4t) & 15 | magic
-        const __m512bh n1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, magic, 0xEA);
-        const __m512bh n2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low4, magic, 0xEA);
-        const __m512bh n3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
+        __m512bh n[4];
+        unpack_nibbles(v, n);
         for (int m = 0; m < M; ++m) {
-          da[m][r] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(da[m][r], n0, xt[m][0]), n1, xt[m][1]);
+          da[m][r] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(da[m][r], n[0], xt[m][0]), n[1], xt[m][1]);
           __m512& second = two_chains ? db[m][r] : da[m][r];
-          second = _mm512_dpbf16_ps(_mm512_dpbf16_ps(second, n2, xt[m][2]), n3, xt[m][3]);
+          second = _mm512_dpbf16_ps(_mm512_dpbf16_ps(second, n[2], xt[m][2]), n[3], xt[m][3]);
         }
       }
     }
