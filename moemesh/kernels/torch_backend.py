@@ -137,9 +137,12 @@ class TorchBackend:
 
     @staticmethod
     def _let_go(*read: torch.Tensor) -> None:
-        """The checkpoint tensors a held copy was made from: their mapped pages leave the resident set."""
+        """The checkpoint tensors a held copy was made from: their mapped pages leave the resident set. Memory
+        torch allocated itself (resizable storage: built or streamed weights) is freed with the tensor instead;
+        paging it out would only write it to swap first."""
         for t in read:
-            page_out(t)
+            if not t.untyped_storage().resizable():
+                page_out(t)
 
     def vector(self, t: torch.Tensor, fp32: bool = False) -> torch.Tensor:
         """Norm weights, biases and the router (which decode streams too), in the compute dtype or float32."""
