@@ -87,6 +87,25 @@ def test_route_and_experts_match_torch():
         assert torch.equal(plain.combine_pairs(ids_p[:n], pairs.view(n, 3, -1)), out_p)
 
 
+def test_moe_layer_holds_a_subset_of_experts_in_any_order():
+    """A node may hold some of a layer's experts, keyed in any order: the kernels' held view of them adds them in
+    ascending expert order, then the shared expert, as torch does; an expert not held is an error naming it."""
+    fast, plain = backends(CFG)
+
+    def mlp():
+        return MlpWeights(rand(70, 200, scale=0.1), rand(70, 200, scale=0.1), rand(200, 70, scale=0.1))
+
+    moe = MoeWeights(router=torch.randn(12, 200, generator=gen), bias=torch.zeros(12),
+                     experts={e: mlp() for e in (9, 2, 5, 11)}, shared=mlp())
+    x = rand(3, 200, scale=0.05)
+    ids, weights = torch.tensor([[9, 2], [5, 11], [11, 9]]), torch.rand(3, 2, generator=gen)
+    for n in (1, 3):
+        assert bf16_close(fast.moe(moe, x[:n], ids[:n], weights[:n]), plain.moe(moe, x[:n], ids[:n], weights[:n]), 4)
+        assert bf16_close(fast.experts(moe, x[:n], ids[:n], weights[:n]), plain.experts(moe, x[:n], ids[:n], weights[:n]), 4)
+    with pytest.raises(RuntimeError, match="expert 3 is not held"):
+        fast.moe(moe, x, torch.tensor([[3, 2]] * 3), weights)
+
+
 def test_mla_decode_matches_torch_attention():
     fast, plain = backends(CFG)
     a = fast.args

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +96,7 @@ class TorchBackend:
         # Our decode matmuls (few tokens, bf16 weights) where they build; torch's ops otherwise.
         self.kernels = cpu_kernels() if self.device.type == "cpu" and self.dtype == torch.bfloat16 else None
         self._arena = HugePageArena()  # the copies loading makes (CPU)
+        self._moe_layers: dict[int, object] = {}  # id(MoeWeights) -> its kernels.MoeLayer, or None (`_moe_layer`)
         self.element_size = torch.tensor([], dtype=self.dtype).element_size()
         inv_freq, self.rope_factor = rope_frequencies(args)
         self.inv_freq = inv_freq.to(self.device)
@@ -391,30 +393,38 @@ class TorchBackend:
 
     def moe(self, w: MoeWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """A MoE layer's output [n, hidden]: the routed experts' weighted sum, then plus the shared experts."""
-        out = self._experts_kernel(w, x, ids, weights, w.shared)
+        out = self._experts_kernel(w, x, ids, weights, with_shared=w.shared is not None)
         if out is not None:
             return out
         out = self.experts(w, x, ids, weights)
         return out if w.shared is None else out + self.mlp(w.shared, x)
 
     def _experts_kernel(self, w: MoeWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                        shared: MlpWeights | None) -> torch.Tensor | None:
-        """Decode steps: every chosen expert (and the shared one, if given) in one C++ call (csrc/moe.cpp)."""
-        if not self._decode_kernels(x):
-            return None
-        chosen = sorted(set(ids.flatten().tolist()))
-        mlps = [w.experts[e] for e in chosen] + ([shared] if shared is not None else [])
-        args = [[kernel_args(m.gate), kernel_args(m.up), kernel_args(m.down)] for m in mlps]
-        if any(None in a for a in args):
-            return None
-        routed = args[: len(chosen)]
-        return self.kernels.experts_q(x, ids, weights, chosen, *([a[i] for a in routed] for i in range(3)),
-                                      args[-1] if shared is not None else [])
+                        with_shared: bool) -> torch.Tensor | None:
+        """Decode steps: every chosen expert (and the shared one, if asked) in one C++ call (csrc/moe.cpp)."""
+        layer = self._moe_layer(w) if self._decode_kernels(x) else None
+        return None if layer is None else layer.forward(x, ids, weights, with_shared)
+
+    def _moe_layer(self, w: MoeWeights):
+        """The kernels' view of w's experts (csrc/moe.h), made at its first decode step and kept while w lives;
+        None where some expert weight is in a form the kernels do not take."""
+        key = id(w)
+        if key not in self._moe_layers:
+            mlps = [*w.experts.values()] + ([w.shared] if w.shared is not None else [])
+            args = [[kernel_args(m.gate), kernel_args(m.up), kernel_args(m.down)] for m in mlps]
+            layer = None
+            if all(None not in a for a in args):
+                routed = args[: len(w.experts)]
+                layer = self.kernels.MoeLayer([*w.experts], *([a[i] for a in routed] for i in range(3)),
+                                              args[-1] if w.shared is not None else [])
+            self._moe_layers[key] = layer
+            weakref.finalize(w, self._moe_layers.pop, key, None)
+        return self._moe_layers[key]
 
     def experts(self, w: MoeWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of the routed experts' outputs [n, hidden]. Tokens are grouped by expert, so each
         expert runs one matmul per step; each token's terms add up in ascending expert order."""
-        out = self._experts_kernel(w, x, ids, weights, None)
+        out = self._experts_kernel(w, x, ids, weights, with_shared=False)
         if out is not None:
             return out
         if x.shape[0] == 1:  # one token (decode): no grouping needed; sum in ascending expert order

@@ -1,21 +1,17 @@
 // The Python module: one extension built from every .cpp in this folder (see ../cpu_ext.py).
-#include <torch/extension.h>
+#include "moe.h"
 
 namespace moemesh {
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w);
 std::vector<torch::Tensor> route_bf16(torch::Tensor x, torch::Tensor router, torch::Tensor bias, int64_t n_group,
                                       int64_t topk_group, int64_t top_k, bool norm_topk_prob, double scaling);
 torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
-using QArgs = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t>;
 torch::Tensor mla_decode(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor rows, torch::Tensor cos,
                          torch::Tensor sin, torch::Tensor cache, int64_t start, QArgs w_uk, QArgs w_uv, double scale,
                          bool interleave);
 torch::Tensor linear_q(torch::Tensor x, QArgs weight);
 torch::Tensor linear_heads_q(torch::Tensor x, QArgs weight);
 torch::Tensor mlp_q(torch::Tensor x, QArgs gate, QArgs up, QArgs down);
-torch::Tensor experts_q(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, std::vector<int64_t> expert_ids,
-                        std::vector<QArgs> gates, std::vector<QArgs> ups, std::vector<QArgs> downs,
-                        std::vector<QArgs> shared);
 torch::Tensor dequantize_q(QArgs weight, int64_t row_begin, int64_t row_end);
 void to_lanes_q(torch::Tensor words, int64_t bits, int64_t group, torch::Tensor out);
 }  // namespace moemesh
@@ -27,7 +23,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_q", &moemesh::linear_q, "y = x @ w.T for a few bf16 tokens; w bf16, FP8 (128x128 blocks) or int4/int8 affine");
   m.def("linear_heads_q", &moemesh::linear_heads_q, "per-head y[:, h] = x[:, h] @ w_h.T for a few bf16 tokens; heads stacked in w");
   m.def("mlp_q", &moemesh::mlp_q, "SwiGLU MLP for a few bf16 tokens; weights in any linear_q format");
-  m.def("experts_q", &moemesh::experts_q, "a MoE layer (routed + shared experts) for a few bf16 tokens; weights in any linear_q format");
+  py::class_<moemesh::MoeLayer>(m, "MoeLayer", "a MoE layer's experts held for decode steps; weights in any linear_q format")
+      .def(py::init<std::vector<int64_t>, std::vector<moemesh::QArgs>, std::vector<moemesh::QArgs>,
+                    std::vector<moemesh::QArgs>, std::vector<moemesh::QArgs>>(),
+           py::arg("ids"), py::arg("gates"), py::arg("ups"), py::arg("downs"), py::arg("shared"))
+      .def("forward", &moemesh::MoeLayer::forward, "routed (+ shared) experts for a few bf16 tokens",
+           py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("with_shared"));
   m.def("dequantize_q", &moemesh::dequantize_q, "rows of a linear_q weight as bf16");
   m.def("to_lanes_q", &moemesh::to_lanes_q, "out = packed int4/int8 words in the kernels' lane-major layout");
   m.def("mla_decode", &moemesh::mla_decode, "MLA decode attention (absorbed form) for one request");

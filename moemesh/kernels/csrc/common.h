@@ -147,9 +147,45 @@ inline void linear_into(const at::BFloat16* x, const at::BFloat16* w, int64_t M,
   });
 }
 
+#if defined(__AVX512F__)
+// e^x, 16 at a time: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (truncation < 1e-8,
+// below fp32's half ulp), times 2^n by VSCALEFPS. x is clamped first to where e^x goes from 0 to inf in fp32,
+// so that r stays small.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: n * hi is exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094173e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#if defined(__AVX512BF16__)
+inline __m512 load_bf16x16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline void store_bf16x16(at::BFloat16* p, __m512 v) {  // rounded to nearest even, as at::BFloat16(float)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+inline __m512 round_bf16x16(__m512 v) {  // v rounded to bf16, kept in fp32: the reference's rounding points
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+#endif
+
 // g[i] = bf16(bf16(silu(g[i])) * u[i]): SwiGLU with the reference's rounding points (silu output, product).
 inline void swiglu_bf16(at::BFloat16* g, const at::BFloat16* u, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + 16 <= count; i += 16) {
+    const __m512 v = load_bf16x16(g + i);
+    const __m512 silu = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+    store_bf16x16(g + i, _mm512_mul_ps(round_bf16x16(silu), load_bf16x16(u + i)));
+  }
+#endif
+  for (; i < count; ++i) {
     const float v = static_cast<float>(g[i]);
     const at::BFloat16 act(v / (1.0f + std::exp(-v)));
     g[i] = at::BFloat16(static_cast<float>(act) * static_cast<float>(u[i]));

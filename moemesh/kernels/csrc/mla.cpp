@@ -105,20 +105,6 @@ inline void attention_values(const float* p, const at::BFloat16* kv, int64_t H, 
   });
 }
 
-#if defined(__AVX512F__)
-// e^x for x <= 0 (a softmax's shifted scores): x = n ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor
-// polynomial (truncation < 1e-8, below fp32's half ulp), times 2^n by VSCALEFPS (which underflows to 0).
-inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: n * hi is exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094173e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
-
 // In place, fp32: scores -> e^(s - max) / sum, one head's row. H x S exponentials per token: with a scalar
 // exp on one thread this was a large share of long-context attention.
 inline void softmax(float* sc, int64_t S) {
@@ -128,7 +114,7 @@ inline void softmax(float* sc, int64_t S) {
   for (int64_t i = 0; i < S; i += 16) top = _mm512_mask_max_ps(top, mask(i), top, _mm512_maskz_loadu_ps(mask(i), sc + i));
   top = _mm512_set1_ps(_mm512_reduce_max_ps(top));
   for (int64_t i = 0; i < S; i += 16) {
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask(i), sc + i), top));
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask(i), sc + i), top));
     _mm512_mask_storeu_ps(sc + i, mask(i), e);
     total = _mm512_mask_add_ps(total, mask(i), total, e);
   }

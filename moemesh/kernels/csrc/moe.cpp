@@ -2,7 +2,7 @@
 // Every expert of a step (routed and shared) shares two parallel passes — all gate and up rows, then all
 // down rows — rather than two each: decode touches a few small experts per layer, and each parallel
 // region costs a few microseconds.
-#include "quant.h"
+#include "moe.h"
 
 #include <memory>
 
@@ -31,12 +31,8 @@ void add_weighted(at::BFloat16* dst, const at::BFloat16* y, float weight, int64_
   int64_t i = 0;
 #if defined(__AVX512BF16__)
   const __m512 w = _mm512_set1_ps(weight);
-  auto load = [](const at::BFloat16* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-  };
-  auto round = [](__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16)); };
   for (; i + 16 <= D; i += 16)
-    _mm256_storeu_si256((__m256i*)(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(load(dst + i), round(_mm512_mul_ps(load(y + i), w)))));
+    store_bf16x16(dst + i, _mm512_add_ps(load_bf16x16(dst + i), round_bf16x16(_mm512_mul_ps(load_bf16x16(y + i), w))));
 #endif
   for (; i < D; ++i)
     dst[i] = at::BFloat16(static_cast<float>(dst[i]) + static_cast<float>(at::BFloat16(static_cast<float>(y[i]) * weight)));
@@ -116,34 +112,55 @@ torch::Tensor mlp_q(torch::Tensor x, QArgs gate, QArgs up, QArgs down) {
   return run(x, experts);
 }
 
-// The MoE layer: the routed experts' weighted sum in ascending expert order, then plus the shared expert
-// (if given), every addition rounded to bf16 — the reference's order and rounding. expert_ids are sorted;
-// gates[i] etc. belong to expert_ids[i]; shared is empty or (gate, up, down).
-torch::Tensor experts_q(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, std::vector<int64_t> expert_ids,
-                        std::vector<QArgs> gates, std::vector<QArgs> ups, std::vector<QArgs> downs,
-                        std::vector<QArgs> shared) {
+MoeLayer::MoeLayer(std::vector<int64_t> ids, std::vector<QArgs> gates, std::vector<QArgs> ups, std::vector<QArgs> downs,
+                   std::vector<QArgs> shared) {
+  TORCH_CHECK(gates.size() == ids.size() && ups.size() == ids.size() && downs.size() == ids.size(),
+              "MoeLayer: one gate, up and down per expert id");
+  TORCH_CHECK(shared.empty() || shared.size() == 3, "MoeLayer: shared is (gate, up, down) or nothing");
+  std::vector<size_t> order(ids.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ids[a] < ids[b]; });
+  for (size_t i : order) {
+    TORCH_CHECK(ids[i] >= 0 && (ids_.empty() || ids[i] > ids_.back()), "MoeLayer: expert ids must be distinct and >= 0");
+    ids_.push_back(ids[i]);
+    experts_.push_back({qlinear(gates[i], "MoeLayer"), qlinear(ups[i], "MoeLayer"), qlinear(downs[i], "MoeLayer")});
+    for (const QArgs* a : {&gates[i], &ups[i], &downs[i]}) keep(*a);
+  }
+  slot_.assign(ids_.empty() ? 0 : ids_.back() + 1, -1);
+  for (size_t i = 0; i < ids_.size(); ++i) slot_[ids_[i]] = static_cast<int64_t>(i);
+  if (!shared.empty()) {
+    shared_ = {qlinear(shared[0], "MoeLayer shared"), qlinear(shared[1], "MoeLayer shared"), qlinear(shared[2], "MoeLayer shared")};
+    for (const QArgs& a : shared) keep(a);
+  }
+}
+
+void MoeLayer::keep(const QArgs& a) {
+  for (const torch::Tensor& t : {std::get<0>(a), std::get<1>(a), std::get<2>(a)}) tensors_.push_back(t);
+}
+
+torch::Tensor MoeLayer::forward(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, bool with_shared) const {
   x = x.contiguous();
   ids = ids.contiguous();
   weights = weights.contiguous();
-  check_bf16(x, "experts_q x");
-  TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat && ids.sizes() == weights.sizes(),
-              "experts_q: ids int64 and weights fp32 of one shape");
-  TORCH_CHECK(gates.size() == expert_ids.size() && ups.size() == expert_ids.size() && downs.size() == expert_ids.size(),
-              "experts_q: one gate, up and down per expert id");
-  TORCH_CHECK(shared.empty() || shared.size() == 3, "experts_q: shared is (gate, up, down) or nothing");
+  check_bf16(x, "MoeLayer x");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat && ids.dim() == 2 &&
+              ids.sizes() == weights.sizes() && ids.size(0) == x.size(0), "MoeLayer: ids int64 and weights fp32, [tokens, k]");
+  TORCH_CHECK(!with_shared || shared_, "MoeLayer: this layer holds no shared expert");
   const int64_t n = x.size(0), k = ids.size(1);
   const int64_t* ip = ids.data_ptr<int64_t>();
   const float* wp = weights.data_ptr<float>();
+  std::vector<std::vector<std::pair<int64_t, float>>> rows(ids_.size());
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t id = ip[t * k + j];
+      TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(slot_.size()) && slot_[id] >= 0, "MoeLayer: expert ", id, " is not held here");
+      rows[slot_[id]].emplace_back(t, wp[t * k + j]);
+    }
   std::vector<Expert> experts;
-  for (size_t i = 0; i < expert_ids.size(); ++i) {
-    Expert e = expert(gates[i], ups[i], downs[i], "experts_q");
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t j = 0; j < k; ++j)
-        if (ip[t * k + j] == expert_ids[i]) e.rows.emplace_back(t, wp[t * k + j]);
-    if (!e.rows.empty()) experts.push_back(std::move(e));
-  }
-  if (!shared.empty()) {
-    experts.push_back(expert(shared[0], shared[1], shared[2], "experts_q shared"));
+  for (size_t i = 0; i < ids_.size(); ++i)
+    if (!rows[i].empty()) experts.push_back(Expert{experts_[i][0], experts_[i][1], experts_[i][2], std::move(rows[i])});
+  if (with_shared) {
+    experts.push_back(Expert{(*shared_)[0], (*shared_)[1], (*shared_)[2]});
     for (int64_t t = 0; t < n; ++t) experts.back().rows.emplace_back(t, 1.0f);
   }
   return run(x, experts);
