@@ -3,8 +3,8 @@
 They stay packed in memory. Decode steps run our C++ kernel (csrc/quant.cpp), which multiplies the
 packed values directly; everything else dequantizes a band of rows at a time and calls torch's matmul,
 so no full-size float copy of the weight ever exists. Where that kernel runs, the torch backend holds
-weights of whole 16-group spans in a lane-major order (`to_lanes`): the same words, transposed within
-each span, which the kernel multiplies with ~20% less work; `words` gives them back in MLX order.
+the weights in a lane-major order (`to_lanes`): the same words, transposed within each span of 16 groups,
+which the kernel multiplies with ~20% less work; `words` gives them back in MLX order.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ class AffineWeight:
         return AffineScales(self.scales, self.biases, self.bits, self.group_size)
 
     def rows(self, start: int, stop: int) -> AffineWeight:
+        groups = self.scales.shape[-1]
+        if self.lanes and (start * groups % 16 or (stop < self.weight.shape[0] and stop * groups % 16)):
+            raise ValueError(f"rows {start}..{stop} of a lane-major weight of {groups} groups per row cut a 16-group span")
         return AffineWeight(self.weight[start:stop], self.scales[start:stop], self.biases[start:stop], self.bits,
                             self.group_size, self.lanes)
 
@@ -51,18 +54,27 @@ class AffineWeight:
 
 
 def _transpose_spans(words: torch.Tensor, bits: int, group_size: int, to_lanes: bool) -> torch.Tensor:
-    """The lane-major layout (csrc/quant.h): in each span of 16 groups of a row, the 32-bit words held as
-    [16 groups, words per group] in MLX's order are held transposed, so that the 16 words of every 64-byte
-    chunk (one fp32 lane each) come one from each group."""
-    rows, per_group = words.shape[0], group_size * bits // 32
-    spans = words.contiguous().view(rows, -1, 16, per_group) if to_lanes else words.view(rows, -1, per_group, 16)
-    return spans.transpose(2, 3).contiguous().view(rows, -1)
+    """The lane-major layout (csrc/quant.h): the weight's groups, row after row, cut into spans of 16; in each
+    span the 32-bit words held as [16 groups, words per group] in MLX's order are held transposed, so that the
+    16 words of every 64-byte chunk (one fp32 lane each) come one from each group. A span may cross rows."""
+    per_group = group_size * bits // 32
+    spans = words.contiguous().view(-1, 16, per_group) if to_lanes else words.contiguous().view(-1, per_group, 16)
+    return spans.transpose(1, 2).contiguous().view(words.shape)
+
+
+def _lanes_rows(w: AffineWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a lane-major weight's words, in MLX's order: each word gathered from where its span put it."""
+    per_group, row_words = w.group_size * w.bits // 32, w.weight.shape[1]
+    flat = ids.to(w.weight.device)[:, None] * row_words + torch.arange(row_words, device=w.weight.device)
+    span, in_span = flat // (16 * per_group), flat % (16 * per_group)
+    at = span * 16 * per_group + in_span % per_group * 16 + in_span // per_group
+    return w.weight.view(-1)[at]
 
 
 def lanes_fit(w: AffineWeight) -> bool:
-    """Whether w can take the lane-major layout: bf16 scales (the kernels'), rows of whole 16-group spans."""
+    """Whether w can take the lane-major layout: bf16 scales (the kernels'), whole 16-group spans."""
     return (not w.lanes and w.bits in (4, 8) and w.scales.dtype == torch.bfloat16 and w.weight.dim() == 2
-            and w.weight.is_contiguous() and w.scales.shape[-1] % 16 == 0)
+            and w.weight.is_contiguous() and w.scales.numel() % 16 == 0)
 
 
 def to_lanes(w: AffineWeight, kernels: ModuleType | None = None, out: torch.Tensor | None = None) -> AffineWeight:
@@ -99,6 +111,5 @@ def affine_linear(x: torch.Tensor, w: AffineWeight) -> torch.Tensor:
 
 def affine_embed(table: AffineWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Embedding rows of a quantized table, dequantized (mlx-lm quantizes embeddings too)."""
-    rows = AffineWeight(table.weight[ids], table.scales[ids], table.biases[ids], table.bits, table.group_size,
-                        table.lanes)
-    return to_dense(rows, dtype)
+    words = _lanes_rows(table, ids) if table.lanes else table.weight[ids]
+    return dequantize(words, AffineScales(table.scales[ids], table.biases[ids], table.bits, table.group_size), dtype)

@@ -106,15 +106,15 @@ class TorchBackend:
     # Where the CPU kernels run, every weight they stream is copied into 2 MB pages (kernels/memory.py) and the
     # checkpoint pages it came from are let go: decode ran 8-15% faster here than from the mapped file's 4 KB
     # pages, whose TLB misses cost most in a virtual machine. Elsewhere weights stay as read (mapped).
-    def linear_weight(self, weight: torch.Tensor, scales: torch.Tensor | AffineScales | None) -> Weight:
+    def linear_weight(self, weight: torch.Tensor, scales: torch.Tensor | AffineScales | None, heads: int = 1) -> Weight:
         """Dense weights take the compute dtype; FP8 weights stay FP8 with their block scales; MLX affine
-        weights stay packed, their scales and biases in the compute dtype — for the CPU kernels, rows of whole
-        16-group spans in their lane-major order (`to_lanes`)."""
+        weights stay packed, their scales and biases in the compute dtype — for the CPU kernels, in their
+        lane-major order (`to_lanes`) where each of the weight's `heads` (stacked row blocks) is whole spans."""
         if isinstance(scales, AffineScales):
             w = affine_weight(weight, scales, self.dtype, self.device)
             if self.kernels is None:
                 return w
-            lanes = lanes_fit(w)
+            lanes = lanes_fit(w) and w.scales.numel() // heads % 16 == 0
             words = (to_lanes(w, self.kernels, self._arena.empty(tuple(w.weight.shape), w.weight.dtype)).weight
                      if lanes else self._held(w.weight))
             held = AffineWeight(words, self._held(w.scales), self._held(w.biases), w.bits, w.group_size, lanes)
@@ -188,12 +188,7 @@ class TorchBackend:
             if scales is None:
                 return self.linear_weight(weight, None)
             flat = AffineScales(scales.scales.flatten(0, 1), scales.biases.flatten(0, 1), scales.bits, scales.group_size)
-            w = affine_weight(weight.flatten(0, 1), flat, self.dtype, self.device)
-            if self.kernels is None:
-                return w
-            held = AffineWeight(self._held(w.weight), self._held(w.scales), self._held(w.biases), w.bits, w.group_size)
-            self._let_go(weight, scales.scales, scales.biases)
-            return held
+            return self.linear_weight(weight.flatten(0, 1), flat, heads=weight.shape[0])
 
         return resident(*w_uk), resident(*w_uv)
 

@@ -23,7 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_q", &moemesh::linear_q, "y = x @ w.T for a few bf16 tokens; w bf16, FP8 (128x128 blocks) or int4/int8 affine");
   m.def("linear_heads_q", &moemesh::linear_heads_q, "per-head y[:, h] = x[:, h] @ w_h.T for a few bf16 tokens; heads stacked in w");
   m.def("mlp_q", &moemesh::mlp_q, "SwiGLU MLP for a few bf16 tokens; weights in any linear_q format");
-  py::class_<moemesh::MoeLayer>(m, "MoeLayer", "a MoE layer's experts held for decode steps; weights in any linear_q format")
+  py::class_<moemesh::MoeLayer>(m, "MoeLayer", py::module_local(), "a MoE layer's experts held for decode steps; weights in any linear_q format")
       .def(py::init<std::vector<int64_t>, std::vector<moemesh::QArgs>, std::vector<moemesh::QArgs>,
                     std::vector<moemesh::QArgs>, std::vector<moemesh::QArgs>>(),
            py::arg("ids"), py::arg("gates"), py::arg("ups"), py::arg("downs"), py::arg("shared"))

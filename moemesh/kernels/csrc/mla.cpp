@@ -141,12 +141,15 @@ torch::Tensor mla_decode(torch::Tensor q_nope,  // [n, H, nope]
                          QArgs w_uk_args,       // [H * kv_lora, nope]: the heads' W_UK stacked
                          QArgs w_uv_args,       // [H * v, kv_lora]
                          double scale, bool interleave) {
-  q_nope = q_nope.contiguous();
-  q_pe = q_pe.contiguous();
+  // q_nope and q_pe come as views of one projection: read in place (rows of heads), not copied by torch.
+  for (auto* q : {&q_nope, &q_pe})
+    if (q->dim() != 3 || q->stride(2) != 1 || q->stride(0) != q->size(1) * q->stride(1)) *q = q->contiguous();
   rows = rows.contiguous();
   cos = cos.contiguous();
   sin = sin.contiguous();
-  for (auto* t : {&q_nope, &q_pe, &rows, &cache}) check_bf16(*t, "mla_decode");
+  for (auto* t : {&rows, &cache}) check_bf16(*t, "mla_decode");
+  for (auto* q : {&q_nope, &q_pe})
+    TORCH_CHECK(q->scalar_type() == at::kBFloat16 && q->device().is_cpu(), "mla_decode: queries must be bf16 CPU tensors");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, "mla_decode: cos/sin fp32");
   const QLinear w_uk = qlinear(w_uk_args, "mla_decode w_uk"), w_uv = qlinear(w_uv_args, "mla_decode w_uv");
   const int64_t n = q_nope.size(0), H = q_nope.size(1), dn = q_nope.size(2), dr = q_pe.size(2);
@@ -165,18 +168,22 @@ torch::Tensor mla_decode(torch::Tensor q_nope,  // [n, H, nope]
   }
 
   // Queries in the latent space: q_lat[h, t, :] = W_UK[h] @ q_nope[t, h, :] (bf16, as the torch path rounds).
-  auto qn = q_nope.transpose(0, 1).contiguous();  // [H, n, nope]
-  auto q_lat = torch::empty({H, n, C}, q_nope.options());
-  linear_heads_into(w_uk, H, qn.data_ptr<at::BFloat16>(), n, q_lat.data_ptr<at::BFloat16>());
+  const int64_t qn_row = q_nope.stride(1), qp_row = q_pe.stride(1);  // between heads; tokens are H rows apart
+  const at::BFloat16* qn_at = q_nope.data_ptr<at::BFloat16>();
+  const at::BFloat16* qp_at = q_pe.data_ptr<at::BFloat16>();
+  std::vector<at::BFloat16> qn(H * n * dn), q_lat(H * n * C), o_lat(H * n * C);  // [H, n, *]; o_lat: attended latents
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t t = 0; t < n; ++t)
+      std::memcpy(qn.data() + (h * n + t) * dn, qn_at + (t * H + h) * qn_row, dn * sizeof(at::BFloat16));
+  linear_heads_into(w_uk, H, qn.data(), n, q_lat.data());
 
-  auto o_lat = torch::empty({H, n, C}, q_nope.options());  // attended latents, rounded to bf16
   std::vector<at::BFloat16> q(H * W);  // one token's queries: [latent query | roped query] per head
   std::vector<float> attended(H * C);
   for (int64_t t = 0; t < n; ++t) {
     const int64_t S = start + t + 1;  // causal: this token sees positions 0..start+t
     for (int64_t h = 0; h < H; ++h) {
-      std::memcpy(q.data() + h * W, q_lat.data_ptr<at::BFloat16>() + (h * n + t) * C, C * sizeof(at::BFloat16));
-      rope_bf16(q_pe.data_ptr<at::BFloat16>() + (t * H + h) * dr, cos.data_ptr<float>() + t * (dr / 2),
+      std::memcpy(q.data() + h * W, q_lat.data() + (h * n + t) * C, C * sizeof(at::BFloat16));
+      rope_bf16(qp_at + (t * H + h) * qp_row, cos.data_ptr<float>() + t * (dr / 2),
                 sin.data_ptr<float>() + t * (dr / 2), dr, interleave, q.data() + h * W + C);
     }
     std::vector<float> scores((H + VALUE_HEADS - 1) / VALUE_HEADS * VALUE_HEADS * S);  // zero past H heads
@@ -185,14 +192,14 @@ torch::Tensor mla_decode(torch::Tensor q_nope,  // [n, H, nope]
       for (int64_t h = h0; h < h1; ++h) softmax(scores.data() + h * S, S);
     });
     attention_values(scores.data(), kv, H, S, W, C, attended.data());
-    at::BFloat16* out = o_lat.data_ptr<at::BFloat16>();
+    at::BFloat16* out = o_lat.data();
     for (int64_t h = 0; h < H; ++h)
       for (int64_t c = 0; c < C; ++c) out[(h * n + t) * C + c] = bf(attended[h * C + c]);
   }
 
   // Values: values[t, h, :] = W_UV[h] @ o_lat[h, t, :].
   auto values = torch::empty({H, n, dv}, q_nope.options());
-  linear_heads_into(w_uv, H, o_lat.data_ptr<at::BFloat16>(), n, values.data_ptr<at::BFloat16>());
+  linear_heads_into(w_uv, H, o_lat.data(), n, values.data_ptr<at::BFloat16>());
   return values.transpose(0, 1);  // [n, H, v]
 }
 

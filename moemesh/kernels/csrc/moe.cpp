@@ -16,7 +16,8 @@ constexpr int64_t MOE_GRAIN = 256;
 struct Expert {
   QLinear gate, up, down;
   std::vector<std::pair<int64_t, float>> rows;  // (token, weight): the tokens routed here
-  std::vector<at::BFloat16> x, g, u, y;         // gathered inputs, gate/up outputs, expert outputs
+  const at::BFloat16* x = nullptr;              // its tokens' inputs [tokens, D]
+  at::BFloat16 *g = nullptr, *u = nullptr, *y = nullptr;  // gate/up outputs [tokens, I], expert outputs [tokens, D]
   std::shared_ptr<const Acts> xg, xu;           // its inputs arranged for gate and up (shared, see `run`)
   Acts xd;
 };
@@ -52,27 +53,49 @@ std::shared_ptr<const Acts> arranged(const QLinear& w, const Expert& e, std::vec
   for (const auto& row : e.rows) tokens.push_back(row.first);
   for (const Arrangement& a : known)
     if (a.kind == w.kind && a.K == w.K && a.group == w.group && a.lanes == w.lanes && a.tokens == tokens) return a.acts;
-  auto acts = std::make_shared<const Acts>(prepare(w, e.x.data(), static_cast<int64_t>(tokens.size())));
+  auto acts = std::make_shared<const Acts>(prepare(w, e.x, static_cast<int64_t>(tokens.size())));
   known.push_back({w.kind, w.K, w.group, w.lanes, std::move(tokens), acts});
   return acts;
 }
 
 // out[t] = sum over the experts holding t, in order, of bf16(mlp_e(x[t]) * weight), each addition rounded.
 torch::Tensor run(const torch::Tensor& x, std::vector<Expert>& experts) {
-  const int64_t D = x.size(1);
+  const int64_t D = x.size(1), n = x.size(0);
   std::vector<Arrangement> arrangements;
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  // Gathered inputs and the outputs of every expert, in scratch kept between calls: fresh zeroed buffers per expert
+  // cost ~10 us a layer. An expert that sees every token in order (a one-token step's) reads x where it is.
+  thread_local std::vector<at::BFloat16> scratch;
+  auto in_order = [n](const Expert& e) {
+    if (static_cast<int64_t>(e.rows.size()) != n) return false;
+    for (int64_t t = 0; t < n; ++t)
+      if (e.rows[t].first != t) return false;
+    return true;
+  };
+  size_t need = 0;
+  for (Expert& e : experts) {
+    check_mlp(e, D);
+    const int64_t m = static_cast<int64_t>(e.rows.size());
+    need += (in_order(e) ? 0 : m * D) + 2 * m * e.gate.N + m * D;
+  }
+  if (scratch.size() < need) scratch.resize(need);
+  at::BFloat16* unused = scratch.data();
+  auto take = [&unused](int64_t count) { at::BFloat16* p = unused; unused += count; return p; };
   struct Item { size_t expert; int64_t row; };  // MOE_GRAIN rows of gate and up, or of down
   std::vector<Item> up_items, down_items;
   for (size_t i = 0; i < experts.size(); ++i) {
     Expert& e = experts[i];
-    check_mlp(e, D);
     const int64_t m = static_cast<int64_t>(e.rows.size()), I = e.gate.N;
-    e.x.resize(m * D);
-    for (int64_t r = 0; r < m; ++r) std::memcpy(e.x.data() + r * D, xp + e.rows[r].first * D, D * sizeof(at::BFloat16));
-    e.g.resize(m * I);
-    e.u.resize(m * I);
-    e.y.resize(m * D);
+    if (in_order(e)) {
+      e.x = xp;
+    } else {
+      at::BFloat16* gathered = take(m * D);
+      for (int64_t r = 0; r < m; ++r) std::memcpy(gathered + r * D, xp + e.rows[r].first * D, D * sizeof(at::BFloat16));
+      e.x = gathered;
+    }
+    e.g = take(m * I);
+    e.u = take(m * I);
+    e.y = take(m * D);
     e.xg = arranged(e.gate, e, arrangements);
     e.xu = arranged(e.up, e, arrangements);
     for (int64_t row = 0; row < I; row += MOE_GRAIN) up_items.push_back({i, row});
@@ -81,19 +104,19 @@ torch::Tensor run(const torch::Tensor& x, std::vector<Expert>& experts) {
   for_each_item(static_cast<int64_t>(up_items.size()), [&](int64_t i) {  // gate and up rows, then their SwiGLU
     Expert& e = experts[up_items[i].expert];
     const int64_t I = e.gate.N, begin = up_items[i].row, end = std::min(I, begin + MOE_GRAIN);
-    linear_rows_q(e.gate, *e.xg, e.g.data(), begin, end);
-    linear_rows_q(e.up, *e.xu, e.u.data(), begin, end);
-    for (size_t t = 0; t < e.rows.size(); ++t) swiglu_bf16(e.g.data() + t * I + begin, e.u.data() + t * I + begin, end - begin);
+    linear_rows_q(e.gate, *e.xg, e.g, begin, end);
+    linear_rows_q(e.up, *e.xu, e.u, begin, end);
+    for (size_t t = 0; t < e.rows.size(); ++t) swiglu_bf16(e.g + t * I + begin, e.u + t * I + begin, end - begin);
   });
-  for (Expert& e : experts) e.xd = prepare(e.down, e.g.data(), static_cast<int64_t>(e.rows.size()));
+  for (Expert& e : experts) e.xd = prepare(e.down, e.g, static_cast<int64_t>(e.rows.size()));
   for_each_item(static_cast<int64_t>(down_items.size()), [&](int64_t i) {
     Expert& e = experts[down_items[i].expert];
-    linear_rows_q(e.down, e.xd, e.y.data(), down_items[i].row, std::min(D, down_items[i].row + MOE_GRAIN));
+    linear_rows_q(e.down, e.xd, e.y, down_items[i].row, std::min(D, down_items[i].row + MOE_GRAIN));
   });
   auto out = torch::zeros_like(x);
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   for (const Expert& e : experts)
-    for (size_t r = 0; r < e.rows.size(); ++r) add_weighted(op + e.rows[r].first * D, e.y.data() + r * D, e.rows[r].second, D);
+    for (size_t r = 0; r < e.rows.size(); ++r) add_weighted(op + e.rows[r].first * D, e.y + r * D, e.rows[r].second, D);
   return out;
 }
 

@@ -9,7 +9,9 @@
 //     sum (128 + q) x, and the group's 128 * sum(x) is taken off afterwards with the bias term:
 //     y = sum_g s_g (D_g - 128 X_g) + b_g X_g, D_g the dot product, X_g the group's sum of x.
 //     int8 splits each byte into two nibbles (the high one against 16 x): one code path for both.
-// Elsewhere (no AVX512-BF16, or for FP8 no AVX512-VBMI) rows are dequantized to fp32 one at a time: correct, slower.
+//     The kernel reads them in the lane-major layout (quant.h), which the torch backend holds them in.
+// Elsewhere (no AVX512-BF16, for FP8 no AVX512-VBMI, or affine weights in MLX's own byte order) rows are
+// dequantized to fp32 one at a time: correct, slower.
 #include "quant.h"
 
 namespace moemesh {
@@ -40,7 +42,7 @@ QLinear qlinear(const QArgs& args, const char* what) {
     TORCH_CHECK(scales.size(0) == q.N && scales.size(1) == q.K / group && biases.sizes() == scales.sizes(), what, ": scales shape ", scales.sizes());
     q.scales = scales.data_ptr<at::BFloat16>();
     q.biases = biases.data_ptr<at::BFloat16>();
-    TORCH_CHECK(!q.lanes || q.groups() % 16 == 0, what, ": a lane-major weight holds whole spans of 16 groups");
+    TORCH_CHECK(!q.lanes || q.N * q.groups() % 16 == 0, what, ": a lane-major weight holds whole spans of 16 groups");
   }
   return q;
 }
@@ -54,6 +56,7 @@ QLinear row_slice(const QLinear& w, int64_t begin, int64_t count) {
     TORCH_CHECK(begin % FP8_BLOCK == 0, "row_slice: FP8 weights are sliced at 128-row block boundaries");
     s.block_scales = w.block_scales + (begin / FP8_BLOCK) * w.block_cols;
   } else if (w.kind != KIND_BF16) {
+    TORCH_CHECK(!w.lanes || begin * w.groups() % 16 == 0, "row_slice: lane-major weights are sliced at span boundaries");
     s.scales = w.scales + begin * w.groups();
     s.biases = w.biases + begin * w.groups();
   }
@@ -90,11 +93,10 @@ void dequant_row(const QLinear& w, int64_t row, float* out) {
     default: {
       const at::BFloat16* s = w.scales + row * w.groups();
       const at::BFloat16* b = w.biases + row * w.groups();
-      const int64_t gb = w.group_bytes(), span = w.span_bytes();
       for (int64_t i = 0; i < w.K; ++i) {
-        int64_t byte = w.kind == KIND_INT4 ? i / 2 : i;
-        if (w.lanes) byte = byte / span * span + lanes_byte(byte % span, gb);
-        const int q = w.kind == KIND_INT4 ? (p[byte] >> (4 * (i & 1))) & 15 : p[byte];
+        const int64_t byte = row * w.row_bytes() + (w.kind == KIND_INT4 ? i / 2 : i);  // from the weight's start
+        const uint8_t v = w.w[w.lanes ? lanes_offset(byte, w.group_bytes()) : byte];
+        const int q = w.kind == KIND_INT4 ? (v >> (4 * (i & 1))) & 15 : v;
         out[i] = q * bf(s[i / w.group]) + bf(b[i / w.group]);
       }
     }
@@ -115,67 +117,42 @@ inline __m512i pick(__m512i a, __m512i b, const uint16_t* idx) {
   return _mm512_permutex2var_epi16(a, _mm512_loadu_si512(idx), b);
 }
 
-// One token's streams: each chunk's lanes gathered from the 64 or 128 x values it multiplies.
-void arrange(const QLinear& w, const uint16_t* x, uint16_t* const* s) {
-  static const auto idx = [] {  // [pattern][lane]; patterns: int4 t = 0..3, int8 even/odd, fp8 first/second
-    std::array<std::array<uint16_t, 32>, 8> out{};
+// One token's FP8 streams: each chunk's lanes gathered from the 64 x values it multiplies.
+void arrange_fp8(const QLinear& w, const uint16_t* x, uint16_t* const* s) {
+  static const auto idx = [] {  // [half][lane]: lane j of the first half is byte 16 (j / 8) + j % 8, of the second + 8
+    std::array<std::array<uint16_t, 32>, 2> out{};
     for (int j = 0; j < 32; ++j) {
-      for (int t = 0; t < 4; ++t) out[t][j] = static_cast<uint16_t>((4 * j + t) % 64);  // lanes 16..31 unused
-      out[4][j] = static_cast<uint16_t>(2 * j);
-      out[5][j] = static_cast<uint16_t>(2 * j + 1);
-      out[6][j] = static_cast<uint16_t>(16 * (j / 8) + j % 8);
-      out[7][j] = static_cast<uint16_t>(16 * (j / 8) + 8 + j % 8);
+      out[0][j] = static_cast<uint16_t>(16 * (j / 8) + j % 8);
+      out[1][j] = static_cast<uint16_t>(16 * (j / 8) + 8 + j % 8);
     }
     return out;
   }();
-  const int64_t K = w.K;
-  for (int64_t c = 0; c < w.chunks(); ++c) {
-    uint16_t* lane[4];
-    for (int t = 0; t < 4; ++t) lane[t] = s[t] ? s[t] + 32 * c : nullptr;
-    if (w.kind == KIND_INT4) {  // lane j: values 128c + 4j + t; two halves of 64 values, 16 lanes each
-      const int64_t i = 128 * c;
-      const __m512i a0 = load32(x, i, K), a1 = load32(x, i + 32, K), a2 = load32(x, i + 64, K), a3 = load32(x, i + 96, K);
-      for (int t = 0; t < 4; ++t) {
-        const __m512i lo = pick(a0, a1, idx[t].data()), hi = pick(a2, a3, idx[t].data());
-        _mm512_storeu_si512(lane[t], _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1));
-      }
-    } else {
-      const int64_t i = 64 * c;
-      const __m512i a0 = load32(x, i, K), a1 = load32(x, i + 32, K);
-      if (w.kind == KIND_FP8) {
-        _mm512_storeu_si512(lane[0], pick(a0, a1, idx[6].data()));
-        _mm512_storeu_si512(lane[1], pick(a0, a1, idx[7].data()));
-      } else {  // int8: low nibble against x, high nibble against 16 x (exact in bf16: the exponent moves by 4)
-        for (int t = 0; t < 2; ++t) {
-          const __m512i v = pick(a0, a1, idx[4 + t].data());
-          const __m512 sixteen = _mm512_set1_ps(16.0f);
-          const __m512 lo = _mm512_mul_ps(bf16x16_to_f32(_mm512_castsi512_si256(v)), sixteen);
-          const __m512 hi = _mm512_mul_ps(bf16x16_to_f32(_mm512_extracti64x4_epi64(v, 1)), sixteen);
-          _mm512_storeu_si512(lane[2 * t], v);
-          _mm512_storeu_si512(lane[2 * t + 1], (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-        }
-      }
-    }
+  for (int64_t c = 0, i = 0; c < w.chunks(); ++c, i += 64) {
+    const __m512i a0 = load32(x, i, w.K), a1 = load32(x, i + 32, w.K);
+    _mm512_storeu_si512(s[0] + 32 * c, pick(a0, a1, idx[0].data()));
+    _mm512_storeu_si512(s[1] + 32 * c, pick(a0, a1, idx[1].data()));
   }
 }
 
-// A lane-major weight's streams (see lanes_byte in quant.h), walking x in order: value i of group l of a
-// span lies in chunk p, u16 lane 2l + e of that chunk, as nibble t (int4: i = 8p + 4e + t) or as byte h
-// (int8: i = 4p + 2e + h, its low nibble in stream 2h against x, its high one in stream 2h + 1 against 16 x).
-// K is whole spans, so there are no tails.
+// One token's lane-major streams (see lanes_offset in quant.h), one span of chunks per pattern p: lane l multiplies
+// group (16 p + l) % G of the row, whose value i lies in chunk i / 8 of the span, u16 lane 2l + e, as nibble t
+// (int4: i = 8 (chunk) + 4e + t) or as byte h (int8: i = 4 (chunk) + 2e + h, its low nibble in stream 2h against
+// x, its high one in stream 2h + 1 against 16 x).
 void arrange_lanes(const QLinear& w, const uint16_t* x, uint16_t* const* s) {
-  const int64_t g = w.group, span_chunks = w.span_bytes() / CHUNK_BYTES;
-  for (int64_t c0 = 0, v = 0; v < w.K; c0 += span_chunks)
-    for (int64_t l = 0; l < 16; ++l)
-      for (int64_t i = 0; i < g; ++i, ++v) {
+  const int64_t g = w.group, G = w.groups(), span_chunks = w.span_chunks();
+  for (int64_t p = 0; p < w.patterns(); ++p)
+    for (int64_t l = 0; l < 16; ++l) {
+      const uint16_t* xg = x + (16 * p + l) % G * g;
+      for (int64_t i = 0; i < g; ++i) {
         if (w.kind == KIND_INT4) {
-          s[i % 4][32 * (c0 + i / 8) + 2 * l + i % 8 / 4] = x[v];
+          s[i % 4][32 * (p * span_chunks + i / 8) + 2 * l + i % 8 / 4] = xg[i];
         } else {
-          const int64_t at = 32 * (c0 + i / 4) + 2 * l + i % 4 / 2, h = i % 2;
-          s[2 * h][at] = x[v];
-          s[2 * h + 1][at] = at::BFloat16(16.0f * bf16_to_float(x[v])).x;
+          const int64_t at = 32 * (p * span_chunks + i / 4) + 2 * l + i % 4 / 2, h = i % 2;
+          s[2 * h][at] = xg[i];
+          s[2 * h + 1][at] = at::BFloat16(16.0f * bf16_to_float(xg[i])).x;
         }
       }
+    }
 }
 
 // Sum of x per group (x's K a multiple of the group, itself a multiple of 32).
@@ -192,30 +169,27 @@ Acts prepare(const QLinear& w, const at::BFloat16* x, int64_t M) {
   Acts acts;
   acts.M = M;
   acts.raw = x;
-  if (w.kind == KIND_BF16) return acts;
+  if (w.kind == KIND_BF16 || (w.kind != KIND_FP8 && !w.lanes)) return acts;  // affine in MLX's order: scalar path
   acts.streams = w.kind == KIND_FP8 ? 2 : 4;
-  acts.width = w.chunks() * 32;
+  acts.width = (w.kind == KIND_FP8 ? w.chunks() : w.patterns() * w.span_chunks()) * 32;
   acts.x.resize(M * acts.streams * acts.width);
   const auto* xb = reinterpret_cast<const uint16_t*>(x);
   for (int64_t m = 0; m < M; ++m) {
     uint16_t* s[4] = {};
     for (int t = 0; t < acts.streams; ++t) s[t] = acts.x.data() + (m * acts.streams + t) * acts.width;
-    if (w.lanes)
-      arrange_lanes(w, xb + m * w.K, s);
+    if (w.kind == KIND_FP8)
+      arrange_fp8(w, xb + m * w.K, s);
     else
-      arrange(w, xb + m * w.K, s);
+      arrange_lanes(w, xb + m * w.K, s);
   }
   if (w.kind == KIND_FP8) return acts;
-  const int64_t G = w.groups(), per_lane = w.kind == KIND_INT4 ? 8 : 4;
-  acts.sums.resize(M * G);
-  for (int64_t m = 0; m < M; ++m) group_sums(xb + m * w.K, w.K, w.group, acts.sums.data() + m * G);
-  if (w.lanes) return acts;  // lane l of a span is group l: no table
-  // fp32 lane l of chunk c's dot products covers `per_lane` values from c * chunk + l * per_lane on; its
-  // group within the chunk's 16-group span, per chunk position in the span
-  const int64_t span = 16 * w.group / w.chunk();
-  acts.lane_group.resize(span * 16);
-  for (int64_t pos = 0; pos < span; ++pos)
-    for (int l = 0; l < 16; ++l) acts.lane_group[pos * 16 + l] = static_cast<int32_t>((pos * w.chunk() + l * per_lane) / w.group);
+  const int64_t G = w.groups(), P = w.patterns();
+  std::vector<float> sums(G);
+  acts.sums.resize(M * P * 16);
+  for (int64_t m = 0; m < M; ++m) {
+    group_sums(xb + m * w.K, w.K, w.group, sums.data());
+    for (int64_t i = 0; i < P * 16; ++i) acts.sums[m * P * 16 + i] = sums[i % G];  // lane l of pattern p: (16 p + l) % G
+  }
   return acts;
 }
 #else
@@ -269,53 +243,9 @@ inline __m512 affine_offset(const QLinear& w) {
   return _mm512_set1_ps(w.kind == KIND_INT4 ? 128.0f : 128.0f + 16.0f * 128.0f);
 }
 
-// Rows of an affine weight against M tokens. Per row, y = sum_g s_g (D_g - offset X_g) + b_g X_g (see the
-// top of the file); the bias term goes into the same accumulators, 16 groups at a time, so each row ends
-// in one horizontal sum.
-template <int M>
-void rows_affine(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, float* out) {
-  const int64_t rb = w.row_bytes(), G = w.groups(), chunks = w.chunks();
-  const int64_t span = 16 * w.group / w.chunk();  // chunks per 16 groups: their scales are one fp32 vector
-  const __m512 offset = affine_offset(w);
-  const AffineRows rs(w, r0, rows);
-  const uint8_t* const* wr = rs.w;
-  const uint16_t *const *sr = rs.s, *const *br = rs.b;
-  __m512 acc[M][ROWS];
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t c0 = 0, g0 = 0; c0 < chunks; c0 += span, g0 += 16) {
-    const __mmask16 gmask = G - g0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g0)) - 1);
-    __m512 sv[ROWS];
-    for (int r = 0; r < ROWS; ++r) {
-      sv[r] = bf16x16_to_f32(_mm256_maskz_loadu_epi16(gmask, sr[r] + g0));
-      const __m512 shift = _mm512_fnmadd_ps(sv[r], offset, bf16x16_to_f32(_mm256_maskz_loadu_epi16(gmask, br[r] + g0)));
-      for (int m = 0; m < M; ++m)
-        acc[m][r] = _mm512_fmadd_ps(shift, _mm512_maskz_loadu_ps(gmask, xs.sums.data() + (m0 + m) * G + g0), acc[m][r]);
-    }
-    for (int64_t c = c0; c < std::min(chunks, c0 + span); ++c) {
-      const __m512i lane_group = _mm512_loadu_si512(xs.lane_group.data() + (c - c0) * 16);
-      const __mmask64 mask = tail_mask(rb - c * CHUNK_BYTES);
-      __m512bh xt[M][4];
-      for (int m = 0; m < M; ++m)
-        for (int t = 0; t < 4; ++t) xt[m][t] = (__m512bh)_mm512_loadu_si512(xs.stream(m0 + m, t) + c * 32);
-      for (int r = 0; r < ROWS; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + c * CHUNK_BYTES + PREFETCH_ROWS * rb), _MM_HINT_T1);
-        __m512bh n[4];
-        unpack_nibbles(_mm512_maskz_loadu_epi8(mask, wr[r] + c * CHUNK_BYTES), n);
-        const __m512 s = _mm512_permutexvar_ps(lane_group, sv[r]);
-        for (int m = 0; m < M; ++m) {  // one chain per row: the four rows' chains overlap
-          __m512 d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), n[0], xt[m][0]), n[1], xt[m][1]);
-          d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(d, n[2], xt[m][2]), n[3], xt[m][3]);
-          acc[m][r] = _mm512_fmadd_ps(d, s, acc[m][r]);
-        }
-      }
-    }
-  }
-  for (int m = 0; m < M; ++m) reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * ROWS);
-}
-
-// rows_affine for a lane-major weight: fp32 lane l of every chunk of a span belongs to group l, so the products
-// accumulate over the whole span and its 16 scales apply once, at its end. One token keeps two chains per row
+// ROWS rows of a lane-major weight whose rows are whole spans: fp32 lane l of every chunk of a span belongs to
+// group l, so the products accumulate over the whole span and its 16 scales apply once, at its end. The rows share
+// each chunk's activations. One token keeps two chains per row
 // (n0, n1 and n2, n3) so that more chunks are in flight; more tokens keep one each (registers).
 template <int M>
 void rows_affine_lanes(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, float* out) {
@@ -362,6 +292,105 @@ void rows_affine_lanes(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0,
     }
   }
   for (int m = 0; m < M; ++m) reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * ROWS);
+}
+
+// Spans in flight at once in spans_affine: their chains overlap, and their loads make one stream.
+constexpr int SPANS = 4;
+// Bytes ahead of the loads that are prefetched into L2: the weights stream through once, too fast for the hardware
+// prefetchers to ramp up on an expert's few hundred KB.
+#ifndef SPAN_PREFETCH
+#define SPAN_PREFETCH 4096
+#endif
+
+// Output rows [row_begin, row_end) of a lane-major weight (both on span boundaries) for tokens m0..m0+M, into
+// y [tokens, N]. Each span's products end as one fp32 vector over its 16 groups, y_l = s_l (D_l - offset X_l) +
+// b_l X_l (see the top of the file), whose lanes are then added to their rows: a row's terms gather in `row_acc`
+// until its last group, then go to y as one bf16 value per token. One token keeps two chains per span (nibbles
+// 0, 1 and 2, 3) so that more chunks are in flight; more tokens keep one each (registers).
+template <int M>
+void spans_affine(const QLinear& w, const Acts& xs, int64_t m0, at::BFloat16* y, int64_t row_begin, int64_t row_end) {
+  constexpr bool two_chains = M == 1;
+  const int64_t G = w.groups(), P = w.patterns(), span_chunks = w.span_chunks(), span_bytes = w.span_bytes();
+  const int64_t first = row_begin * G / 16, last = row_end * G / 16;  // spans [first, last)
+  const __m512 offset = affine_offset(w);
+  const auto* scales = reinterpret_cast<const uint16_t*>(w.scales);
+  const auto* biases = reinterpret_cast<const uint16_t*>(w.biases);
+  __m512 row_acc[M];
+  for (int m = 0; m < M; ++m) row_acc[m] = _mm512_setzero_ps();
+  // Walked without divisions (one per span cost as much as its arithmetic): the current row, its groups not yet
+  // added, and the pattern of span s0.
+  int64_t row = row_begin, left = G, p0 = first % P;
+  const bool whole_rows = 16 % G == 0;  // spans of 16 / G rows each
+  const __m512i lane_ids = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __mmask16 row_lanes = 0;  // whole_rows: each row's first lane
+  for (int64_t l = 0; whole_rows && l < 16; l += G) row_lanes |= static_cast<__mmask16>(1u << l);
+  for (int64_t s0 = first; s0 < last; s0 += SPANS) {
+    const int64_t live = std::min<int64_t>(SPANS, last - s0);
+    const uint8_t* ws[SPANS];  // spans past `last` re-read span s0; their results are dropped
+    int64_t pattern[SPANS];
+    const uint16_t* xs_at[SPANS][M];
+    for (int j = 0; j < SPANS; ++j) {
+      pattern[j] = j == 0 ? p0 : (pattern[j - 1] + 1 == P ? 0 : pattern[j - 1] + 1);
+      const int64_t at = j < live ? j : 0;
+      ws[j] = w.w + (s0 + at) * span_bytes;
+      for (int m = 0; m < M; ++m) xs_at[j][m] = xs.stream(m0 + m, 0) + pattern[at] * span_chunks * 32;
+    }
+    p0 = pattern[SPANS - 1] + 1 == P ? 0 : pattern[SPANS - 1] + 1;
+    __m512 da[SPANS][M], db[SPANS][M];
+    for (int j = 0; j < SPANS; ++j)
+      for (int m = 0; m < M; ++m) da[j][m] = db[j][m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < span_chunks; ++c) {
+#pragma GCC unroll 4
+      for (int j = 0; j < SPANS; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(ws[j] + c * CHUNK_BYTES + SPAN_PREFETCH), _MM_HINT_T1);
+        __m512i v = _mm512_loadu_si512(ws[j] + c * CHUNK_BYTES);
+        __asm__("" : "+v"(v));  // one load: folded into each shift, it would be four
+        __m512bh n[4];
+        unpack_nibbles(v, n);
+        for (int m = 0; m < M; ++m) {
+          const uint16_t* x = xs_at[j][m] + c * 32;
+          auto xt = [&](int t) { return (__m512bh)_mm512_loadu_si512(x + t * xs.width); };
+          da[j][m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(da[j][m], n[0], xt(0)), n[1], xt(1));
+          __m512& second = two_chains ? db[j][m] : da[j][m];
+          second = _mm512_dpbf16_ps(_mm512_dpbf16_ps(second, n[2], xt(2)), n[3], xt(3));
+        }
+      }
+    }
+    for (int j = 0; j < live; ++j) {
+      const int64_t s = s0 + j;
+      const __m512 sv = bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 16 * s)));
+      const __m512 shift = _mm512_fnmadd_ps(
+          sv, offset, bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(biases + 16 * s))));
+      __m512 terms[M];
+      for (int m = 0; m < M; ++m) {
+        const __m512 d = two_chains ? _mm512_add_ps(da[j][m], db[j][m]) : da[j][m];
+        terms[m] = _mm512_fmadd_ps(d, sv, _mm512_mul_ps(shift, _mm512_loadu_ps(xs.sums.data() + ((m0 + m) * P + pattern[j]) * 16)));
+      }
+      if (whole_rows) {  // 16 / G rows: lanes add in pairs, then fours... (XOR butterfly); every G-th lane is a row
+        for (int m = 0; m < M; ++m) {
+          __m512 v = terms[m];
+          for (int step = 1; step < G; step *= 2)
+            v = _mm512_add_ps(v, _mm512_permutexvar_ps(_mm512_xor_si512(lane_ids, _mm512_set1_epi32(step)), v));
+          _mm256_mask_storeu_epi16(y + (m0 + m) * w.N + row, static_cast<__mmask16>((1u << (16 / G)) - 1),
+                                   (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_compress_ps(row_lanes, v)));
+        }
+        row += 16 / G;
+        continue;
+      }
+      int64_t lo = 0;  // lanes [lo, lo + left) finish the current row, if it ends in this span
+      for (; lo + left <= 16; lo += left, left = G, ++row) {
+        const __mmask16 lanes = static_cast<__mmask16>(((1u << (lo + left)) - 1) & ~((1u << lo) - 1));
+        for (int m = 0; m < M; ++m) {
+          y[(m0 + m) * w.N + row] = at::BFloat16(_mm512_reduce_add_ps(_mm512_mask_add_ps(row_acc[m], lanes, row_acc[m], terms[m])));
+          row_acc[m] = _mm512_setzero_ps();
+        }
+      }
+      if (lo < 16) {
+        for (int m = 0; m < M; ++m) row_acc[m] = _mm512_mask_add_ps(row_acc[m], static_cast<__mmask16>(0xFFFF << lo), row_acc[m], terms[m]);
+        left -= 16 - lo;
+      }
+    }
+  }
 }
 
 #if defined(__AVX512VBMI__)
@@ -443,7 +472,6 @@ void rows_q(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, 
   if (w.kind == KIND_FP8) return rows_fp8<M>(w, xs, m0, r0, rows, out);
 #endif
   if (w.lanes) return rows_affine_lanes<M>(w, xs, m0, r0, rows, out);
-  if (w.kind != KIND_FP8) return rows_affine<M>(w, xs, m0, r0, rows, out);
 #endif
   rows_dequant<M>(w, xs, m0, r0, rows, out);
 }
@@ -453,6 +481,17 @@ void linear_rows_q(const QLinear& w, const Acts& xs, at::BFloat16* y, int64_t ro
   float out[4 * ROWS];
   for (int64_t m = 0; m < xs.M; m += 4) {
     const int take = static_cast<int>(std::min<int64_t>(4, xs.M - m));
+#if defined(__AVX512BF16__)
+    if (w.lanes && w.groups() % 16 != 0) {  // spans across rows
+      switch (take) {
+        case 4: spans_affine<4>(w, xs, m, y, row_begin, row_end); break;
+        case 3: spans_affine<3>(w, xs, m, y, row_begin, row_end); break;
+        case 2: spans_affine<2>(w, xs, m, y, row_begin, row_end); break;
+        default: spans_affine<1>(w, xs, m, y, row_begin, row_end);
+      }
+      continue;
+    }
+#endif
     for (int64_t r = row_begin; r < row_end; r += ROWS) {
       const int rows = static_cast<int>(std::min<int64_t>(ROWS, row_end - r));
       switch (take) {
@@ -477,6 +516,7 @@ void linear_q_into(const QLinear& w, const at::BFloat16* x, int64_t M, at::BFloa
 void linear_heads_into(const QLinear& w, int64_t H, const at::BFloat16* x, int64_t n, at::BFloat16* y) {
   TORCH_CHECK(w.N % H == 0, "linear_heads: ", w.N, " weight rows are not ", H, " heads");
   const int64_t N = w.N / H;
+  TORCH_CHECK(!w.lanes || N * w.groups() % 16 == 0, "linear_heads: a lane-major head holds whole spans of 16 groups");
   for_each_item(H, [&](int64_t h) {  // a head's rows are one item: its activations are arranged once
     const QLinear head = row_slice(w, h * N, N);
     linear_rows_q(head, prepare(head, x + h * n * w.K, n), y + h * n * N, 0, N);
@@ -505,7 +545,7 @@ torch::Tensor linear_q(torch::Tensor x, QArgs weight) {
   return y;
 }
 
-// out = the lane-major copy of packed words [rows, K * bits / 32] (see lanes_byte in quant.h): each span's
+// out = the lane-major copy of packed words [rows, K * bits / 32] (see lanes_offset in quant.h): each span's
 // words transposed, [16 groups][words per group] -> [words per group][16]. What a load costs: a copy.
 void to_lanes_q(torch::Tensor words, int64_t bits, int64_t group, torch::Tensor out) {
   TORCH_CHECK(words.dim() == 2 && words.is_contiguous() && words.element_size() == 4 && words.device().is_cpu(),
@@ -513,8 +553,8 @@ void to_lanes_q(torch::Tensor words, int64_t bits, int64_t group, torch::Tensor 
   TORCH_CHECK(out.sizes() == words.sizes() && out.is_contiguous() && out.element_size() == 4 && out.device().is_cpu(),
               "to_lanes_q: out must be a contiguous CPU tensor of the words' shape");
   const int64_t per_group = group * bits / 32, span = 16 * per_group;
-  TORCH_CHECK((bits == 4 || bits == 8) && per_group > 0 && words.size(1) % span == 0,
-              "to_lanes_q: rows of ", words.size(1), " words are not whole spans of 16 groups of ", group);
+  TORCH_CHECK((bits == 4 || bits == 8) && per_group > 0 && words.numel() % span == 0,
+              "to_lanes_q: ", words.numel(), " words are not whole spans of 16 groups of ", group);
   const auto* in = static_cast<const uint32_t*>(words.data_ptr());
   auto* o = static_cast<uint32_t*>(out.data_ptr());
   at::parallel_for(0, words.numel() / span, 64, [&](int64_t begin, int64_t end) {

@@ -3,6 +3,8 @@
 #pragma once
 #include "common.h"
 
+#include <numeric>
+
 namespace moemesh {
 
 // As Python passes it; the _LANES kinds are INT4/INT8 in the lane-major layout (QLinear::lanes, below).
@@ -20,7 +22,7 @@ struct QLinear {
   int64_t block_cols;
   const at::BFloat16* scales;       // affine: [N, K/group]
   const at::BFloat16* biases;
-  bool lanes = false;               // affine in the lane-major layout (see lanes_byte)
+  bool lanes = false;               // affine in the lane-major layout (see lanes_offset)
 
   int64_t row_bytes() const { return kind == KIND_INT4 ? K / 2 : (kind == KIND_BF16 ? 2 * K : K); }
   int64_t groups() const { return K / group; }
@@ -29,39 +31,48 @@ struct QLinear {
   int64_t chunks() const { return (K + chunk() - 1) / chunk(); }
   int64_t group_bytes() const { return group * (kind == KIND_INT4 ? 4 : 8) / 8; }
   int64_t span_bytes() const { return 16 * group_bytes(); }  // 16 groups: one fp32 vector of scales
+  int64_t span_chunks() const { return span_bytes() / CHUNK_BYTES; }
+  // Lane-major: the spans' distinct arrangements of x. Lane l of span s multiplies the row's group (16 s + l) % G,
+  // which repeats every lcm(G, 16) / 16 spans.
+  int64_t patterns() const { return groups() / std::gcd<int64_t>(groups(), 16); }
 };
 
-// The lane-major layout of an affine weight, which the torch backend holds rows in (kernels/affine.py
-// `to_lanes`): within each span of 16 groups, the 32-bit words — [16 groups][group_bytes / 4] in MLX's order —
-// are stored transposed, [group_bytes / 4][16]. So word l of every 64-byte chunk of the span (fp32 lane l, u16
-// lanes 2l and 2l + 1) holds bytes of group l only, chunk p holding its bytes 4p..4p+3. The decode kernel then
-// accumulates a whole span's products per lane and applies the 16 scales once per span, instead of permuting
-// scales and multiplying once per chunk (~20% less compute per weight). MLX-order byte b of a span sits at:
-inline int64_t lanes_byte(int64_t b, int64_t group_bytes) {
-  const int64_t group = b / group_bytes, word = b % group_bytes / 4;
-  return 4 * (16 * word + group) + b % 4;
+// The lane-major layout of an affine weight, which the torch backend holds it in (kernels/affine.py `to_lanes`):
+// the weight's groups, read row after row, are cut into spans of 16, and within each span the 32-bit words —
+// [16 groups][group_bytes / 4] in MLX's order — are stored transposed, [group_bytes / 4][16]. So word l of
+// every 64-byte chunk of a span (fp32 lane l, u16 lanes 2l and 2l + 1) holds bytes of the span's group l only,
+// chunk p holding its bytes 4p..4p+3. The decode kernel then accumulates a whole span's products per lane and
+// applies its 16 scales once, at the span's end (~20% less compute per weight than permuting scales per chunk).
+// A span may hold the end of one row and the start of the next, or several short rows (W_UK's 128 inputs are 2
+// groups of 64): rows * groups must be a multiple of 16. Byte b of the weight (rows back to back) sits at:
+inline int64_t lanes_offset(int64_t b, int64_t group_bytes) {
+  const int64_t span = b / (16 * group_bytes), in_span = b % (16 * group_bytes);
+  const int64_t group = in_span / group_bytes, word = in_span % group_bytes / 4;
+  return span * 16 * group_bytes + 4 * (16 * word + group) + b % 4;
 }
 
 // The few tokens' activations, arranged for one weight format. A chunk of weights is one 64-byte load, seen
 // as 32 u16 lanes; lane j holds int4 values 4j..4j+3 (a nibble each) or int8 values 2j, 2j+1; fp8 bytes are
 // unpacked in the order fp8_to_bf16 gives. The kernels turn each nibble (int) or byte half (fp8) position t
 // into one bf16 vector, so the activations come as one stream per position: stream t, lane j = the x that
-// multiplies it. Streams are zero past K: the masked-off weights add nothing.
+// multiplies it. FP8 streams run along K (zero past it: the masked-off weights add nothing); lane-major streams
+// hold one span's worth of chunks per pattern (QLinear::patterns).
 struct Acts {
   int64_t M = 0, width = 0;         // width: one stream of one token, 32 lanes per chunk
   const at::BFloat16* raw = nullptr;  // [M, K] as given (scalar paths)
   std::vector<uint16_t> x;          // bf16 [M, streams, width]
-  std::vector<float> sums;          // affine: [M, K/group] sum of x per group
-  std::vector<int32_t> lane_group;  // affine: [chunks per 16 groups, 16] group of each fp32 lane (see prepare)
+  std::vector<float> sums;          // lane-major: [M, patterns, 16] sum of x over the group each lane multiplies
   int streams = 0;
   const uint16_t* stream(int64_t m, int t) const { return x.data() + (m * streams + t) * width; }
 };
 
 QLinear qlinear(const QArgs& args, const char* what);
-// Rows [begin, begin + count) of w as a weight of their own (FP8: begin on a 128-row block boundary).
+// Rows [begin, begin + count) of w as a weight of their own (FP8: begin on a 128-row block boundary; lane-major:
+// on a span boundary).
 QLinear row_slice(const QLinear& w, int64_t begin, int64_t count);
 Acts prepare(const QLinear& w, const at::BFloat16* x, int64_t M);
-// y[m, r] for every token and output rows [row_begin, row_end)
+// y[m, r] for every token and output rows [row_begin, row_end); lane-major weights: both on span boundaries
+// (or row_end = N), as row items of 16 rows always are.
 void linear_rows_q(const QLinear& w, const Acts& xs, at::BFloat16* y, int64_t row_begin, int64_t row_end);
 void linear_q_into(const QLinear& w, const at::BFloat16* x, int64_t M, at::BFloat16* y);
 // Per head h < H: y[h] [n, N] = x[h] [n, K] @ (rows h*N.. of w)^T, where w stacks the H heads' [N, K] weights.
