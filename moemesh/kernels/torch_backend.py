@@ -96,7 +96,7 @@ class TorchBackend:
         # Our decode matmuls (few tokens, bf16 weights) where they build; torch's ops otherwise.
         self.kernels = cpu_kernels() if self.device.type == "cpu" and self.dtype == torch.bfloat16 else None
         self._arena = HugePageArena()  # the copies loading makes (CPU)
-        self._moe_layers: dict[int, object] = {}  # id(MoeWeights) -> its kernels.MoeLayer, or None (`_moe_layer`)
+        self._layers: dict[int, object] = {}  # id(weights) -> their kernels.MoeLayer / MlaLayer, or None (`_layer`)
         self.element_size = torch.tensor([], dtype=self.dtype).element_size()
         inv_freq, self.rope_factor = rope_frequencies(args)
         self.inv_freq = inv_freq.to(self.device)
@@ -308,6 +308,10 @@ class TorchBackend:
 
     def attention(self, w: AttentionWeights, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         """MLA in the absorbed form: the cache holds [normalized latent | roped key] per token."""
+        held = self._layer(w, self._mla_layer) if self._decode_kernels(x) else None
+        if held is not None:  # a decode step: the whole block in one C++ call (csrc/mla.cpp)
+            segments = [(s.cache.buffer(layer, s.start + s.length), s.start, s.length) for s in step.segments]
+            return held.forward(x, segments, step.cos, step.sin)
         a = self.args
         n, heads, kv_lora = x.shape[0], a.num_attention_heads, a.kv_lora_rank
         if w.q_proj is not None:
@@ -317,24 +321,22 @@ class TorchBackend:
         q_nope, q_pe = q.view(n, heads, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         kv = self.linear(x, w.kv_a_proj, w.kv_a_bias)  # [n, kv_lora + rope]
         rows = torch.cat([self.rms_norm(kv[:, :kv_lora], w.kv_a_norm, a.rms_norm_eps), kv[:, kv_lora:]], dim=-1)
-        kernel_heads = (_head_args(w.w_uk), _head_args(w.w_uv)) if self.kernels is not None and x.dtype == torch.bfloat16 else None
-        if kernel_heads is not None and None not in kernel_heads and max(s.length for s in step.segments) <= DECODE_TOKENS:
-            values = self._attend_kernel(kernel_heads, q_nope, q_pe, rows, step, layer)
-        else:
-            values = self._attend(w, q_nope, q_pe, rows, step, layer)
+        values = self._attend(w, q_nope, q_pe, rows, step, layer)
         return self.linear(values.reshape(n, heads * a.v_head_dim), w.o_proj, w.o_bias)
 
-    def _attend_kernel(self, heads: tuple[tuple, tuple], q_nope, q_pe, rows, step: Step, layer: int) -> torch.Tensor:
-        """Decode steps: one fused C++ call per request (see csrc/mla.cpp); heads = W_UK's and W_UV's kernel args."""
-        a, parts, offset = self.args, [], 0
-        for seg in step.segments:
-            span = slice(offset, offset + seg.length)
-            cache = seg.cache.buffer(layer, seg.start + seg.length)
-            parts.append(self.kernels.mla_decode(
-                q_nope[span], q_pe[span], rows[span], step.cos[span], step.sin[span], cache, seg.start,
-                *heads, a.softmax_scale, a.rope_interleave))
-            offset += seg.length
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    def _mla_layer(self, w: AttentionWeights):
+        """The kernels' view of an attention block (csrc/mla.h), or None: biases, or weights the kernels do not take."""
+        a = self.args
+        q = [w.q_proj] if w.q_proj is not None else [w.q_a_proj, w.q_b_proj]
+        args = [kernel_args(t) for t in (*q, w.kv_a_proj, w.o_proj)] + [_head_args(w.w_uk), _head_args(w.w_uv)]
+        norms = [t for t in (w.q_a_norm, w.kv_a_norm) if t is not None]
+        if (None in args or any(b is not None for b in (w.q_a_bias, w.kv_a_bias, w.o_bias))
+                or any(t.dtype != torch.bfloat16 for t in norms)):
+            return None
+        *q_args, kv_a, o_proj, w_uk, w_uv = args
+        return self.kernels.MlaLayer(q_args, w.q_a_norm if w.q_a_norm is not None else _NO_NORM, kv_a, w.kv_a_norm,
+                                     w_uk, w_uv, o_proj, a.num_attention_heads, a.qk_rope_head_dim, a.rms_norm_eps,
+                                     a.softmax_scale, a.rope_interleave)
 
     def _attend(self, w: AttentionWeights, q_nope, q_pe, rows, step: Step, layer: int) -> torch.Tensor:
         """Any number of tokens, in torch ops; the scores and softmax run in float32."""
@@ -397,24 +399,26 @@ class TorchBackend:
     def _experts_kernel(self, w: MoeWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                         with_shared: bool) -> torch.Tensor | None:
         """Decode steps: every chosen expert (and the shared one, if asked) in one C++ call (csrc/moe.cpp)."""
-        layer = self._moe_layer(w) if self._decode_kernels(x) else None
-        return None if layer is None else layer.forward(x, ids, weights, with_shared)
+        held = self._layer(w, self._moe_layer) if self._decode_kernels(x) else None
+        return None if held is None else held.forward(x, ids, weights, with_shared)
+
+    def _layer(self, w: AttentionWeights | MoeWeights, make):
+        """The kernels' view of a layer's weights (`make(w)`: a MoeLayer or MlaLayer, or None where some weight is
+        in a form the kernels do not take), made at its first decode step and kept while w lives."""
+        key = id(w)
+        if key not in self._layers:
+            self._layers[key] = make(w)
+            weakref.finalize(w, self._layers.pop, key, None)
+        return self._layers[key]
 
     def _moe_layer(self, w: MoeWeights):
-        """The kernels' view of w's experts (csrc/moe.h), made at its first decode step and kept while w lives;
-        None where some expert weight is in a form the kernels do not take."""
-        key = id(w)
-        if key not in self._moe_layers:
-            mlps = [*w.experts.values()] + ([w.shared] if w.shared is not None else [])
-            args = [[kernel_args(m.gate), kernel_args(m.up), kernel_args(m.down)] for m in mlps]
-            layer = None
-            if all(None not in a for a in args):
-                routed = args[: len(w.experts)]
-                layer = self.kernels.MoeLayer([*w.experts], *([a[i] for a in routed] for i in range(3)),
-                                              args[-1] if w.shared is not None else [])
-            self._moe_layers[key] = layer
-            weakref.finalize(w, self._moe_layers.pop, key, None)
-        return self._moe_layers[key]
+        mlps = [*w.experts.values()] + ([w.shared] if w.shared is not None else [])
+        args = [[kernel_args(m.gate), kernel_args(m.up), kernel_args(m.down)] for m in mlps]
+        if any(None in a for a in args):
+            return None
+        routed = args[: len(w.experts)]
+        return self.kernels.MoeLayer([*w.experts], *([a[i] for a in routed] for i in range(3)),
+                                     args[-1] if w.shared is not None else [])
 
     def experts(self, w: MoeWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of the routed experts' outputs [n, hidden]. Tokens are grouped by expert, so each
@@ -456,6 +460,9 @@ class TorchBackend:
         for j in range(1, k):
             out = out + pairs[:, j]
         return out
+
+
+_NO_NORM = torch.empty(0, dtype=torch.bfloat16)
 
 
 def _head_args(w: HeadsWeight) -> tuple | None:

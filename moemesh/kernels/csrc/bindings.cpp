@@ -1,4 +1,5 @@
 // The Python module: one extension built from every .cpp in this folder (see ../cpu_ext.py).
+#include "mla.h"
 #include "moe.h"
 
 namespace moemesh {
@@ -6,9 +7,6 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w);
 std::vector<torch::Tensor> route_bf16(torch::Tensor x, torch::Tensor router, torch::Tensor bias, int64_t n_group,
                                       int64_t topk_group, int64_t top_k, bool norm_topk_prob, double scaling);
 torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
-torch::Tensor mla_decode(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor rows, torch::Tensor cos,
-                         torch::Tensor sin, torch::Tensor cache, int64_t start, QArgs w_uk, QArgs w_uv, double scale,
-                         bool interleave);
 torch::Tensor linear_q(torch::Tensor x, QArgs weight);
 torch::Tensor linear_heads_q(torch::Tensor x, QArgs weight);
 torch::Tensor mlp_q(torch::Tensor x, QArgs gate, QArgs up, QArgs down);
@@ -31,5 +29,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("with_shared"));
   m.def("dequantize_q", &moemesh::dequantize_q, "rows of a linear_q weight as bf16");
   m.def("to_lanes_q", &moemesh::to_lanes_q, "out = packed int4/int8 words in the kernels' lane-major layout");
-  m.def("mla_decode", &moemesh::mla_decode, "MLA decode attention (absorbed form) for one request");
+  py::class_<moemesh::MlaLayer>(m, "MlaLayer", py::module_local(), "an attention block held for decode steps")
+      .def(py::init<std::vector<moemesh::QArgs>, torch::Tensor, moemesh::QArgs, torch::Tensor, moemesh::QArgs,
+                    moemesh::QArgs, moemesh::QArgs, int64_t, int64_t, double, double, bool>(),
+           py::arg("q"), py::arg("q_a_norm"), py::arg("kv_a"), py::arg("kv_a_norm"), py::arg("w_uk"), py::arg("w_uv"),
+           py::arg("o_proj"), py::arg("heads"), py::arg("rope"), py::arg("eps"), py::arg("scale"), py::arg("interleave"))
+      .def("forward", &moemesh::MlaLayer::forward, "the block's output for a few bf16 tokens; writes the caches",
+           py::arg("x"), py::arg("segments"), py::arg("cos"), py::arg("sin"));
 }

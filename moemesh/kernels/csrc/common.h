@@ -204,6 +204,10 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
+// y = weight * bf16(x * rsqrt(mean(x^2) + eps)) for rows [rows, D], statistics in fp32, as the reference
+// computes it; y may be x (dense_bf16.cpp).
+void rms_norm_rows(const at::BFloat16* x, const at::BFloat16* weight, int64_t rows, int64_t D, double eps, at::BFloat16* y);
+
 inline void check_bf16(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device().is_cpu(),
               what, ": expected a contiguous bf16 CPU tensor");

@@ -71,25 +71,25 @@ std::vector<torch::Tensor> route_bf16(torch::Tensor x, torch::Tensor router, tor
   return {ids, weights};
 }
 
-// weight * bf16(x * rsqrt(mean(x^2) + eps)), statistics in fp32, as the reference computes it.
+void rms_norm_rows(const at::BFloat16* x, const at::BFloat16* weight, int64_t rows, int64_t D, double eps, at::BFloat16* y) {
+  std::vector<float> xf(D);
+  for (int64_t r = 0; r < rows; ++r) {
+    const at::BFloat16* xr = x + r * D;
+    for (int64_t i = 0; i < D; ++i) xf[i] = static_cast<float>(xr[i]);
+    const float scale = 1.0f / std::sqrt(dot(xf.data(), xf.data(), D) / D + static_cast<float>(eps));
+    for (int64_t i = 0; i < D; ++i)
+      y[r * D + i] = at::BFloat16(static_cast<float>(weight[i]) * static_cast<float>(at::BFloat16(xf[i] * scale)));
+  }
+}
+
 torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps) {
   x = x.contiguous();
   check_bf16(x, "rms_norm_bf16 x");
   check_bf16(weight, "rms_norm_bf16 weight");
-  const int64_t D = x.size(-1), rows = x.numel() / D;
+  const int64_t D = x.size(-1);
   TORCH_CHECK(weight.numel() == D, "rms_norm_bf16: weight size");
   auto y = torch::empty_like(x);
-  auto xp = x.data_ptr<at::BFloat16>();
-  auto wp = weight.data_ptr<at::BFloat16>();
-  auto yp = y.data_ptr<at::BFloat16>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const at::BFloat16* xr = xp + r * D;
-    std::vector<float> xf(xr, xr + D);
-    const float ss = dot(xf.data(), xf.data(), D);
-    const float scale = 1.0f / std::sqrt(ss / D + static_cast<float>(eps));
-    for (int64_t i = 0; i < D; ++i)
-      yp[r * D + i] = at::BFloat16(static_cast<float>(wp[i]) * static_cast<float>(at::BFloat16(static_cast<float>(xr[i]) * scale)));
-  }
+  rms_norm_rows(x.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), x.numel() / D, D, eps, y.data_ptr<at::BFloat16>());
   return y;
 }
 

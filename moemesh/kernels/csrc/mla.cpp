@@ -1,10 +1,11 @@
-// MLA attention for the few new tokens of one request (decode), in the absorbed form, bf16 in and out:
+// A decode step's attention block (MlaLayer): the q and kv_a projections and their norms, then MLA for each
+// request's few new tokens in the absorbed form, then o_proj, bf16 in and out. MLA itself (`attend`):
 // rope the new keys and write [latent | rope key] rows into the cache, take each query into the latent
 // space (W_UK), attend over the cache in fp32 — each cache row is read once for all heads — and bring
 // the attended latent back out (W_UV). W_UK and W_UV are bf16, FP8 (128x128 blocks), or packed int4/int8 as
 // mlx-lm stores them (`embed_q`, `unembed_out`), heads stacked. Rounding points follow the torch path in
 // torch_backend.py.
-#include "quant.h"
+#include "mla.h"
 
 namespace moemesh {
 namespace {
@@ -129,52 +130,25 @@ inline void softmax(float* sc, int64_t S) {
 #endif
 }
 
-}  // namespace
-
-torch::Tensor mla_decode(torch::Tensor q_nope,  // [n, H, nope]
-                         torch::Tensor q_pe,    // [n, H, rope], not yet rotated
-                         torch::Tensor rows,    // [n, kv_lora + rope]: normalized latent | key, not yet rotated
-                         torch::Tensor cos,     // [n, rope/2] fp32
-                         torch::Tensor sin,
-                         torch::Tensor cache,   // [capacity, kv_lora + rope]; rows start.. are written
-                         int64_t start,
-                         QArgs w_uk_args,       // [H * kv_lora, nope]: the heads' W_UK stacked
-                         QArgs w_uv_args,       // [H * v, kv_lora]
-                         double scale, bool interleave) {
-  // q_nope and q_pe come as views of one projection: read in place (rows of heads), not copied by torch.
-  for (auto* q : {&q_nope, &q_pe})
-    if (q->dim() != 3 || q->stride(2) != 1 || q->stride(0) != q->size(1) * q->stride(1)) *q = q->contiguous();
-  rows = rows.contiguous();
-  cos = cos.contiguous();
-  sin = sin.contiguous();
-  for (auto* t : {&rows, &cache}) check_bf16(*t, "mla_decode");
-  for (auto* q : {&q_nope, &q_pe})
-    TORCH_CHECK(q->scalar_type() == at::kBFloat16 && q->device().is_cpu(), "mla_decode: queries must be bf16 CPU tensors");
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, "mla_decode: cos/sin fp32");
-  const QLinear w_uk = qlinear(w_uk_args, "mla_decode w_uk"), w_uv = qlinear(w_uv_args, "mla_decode w_uv");
-  const int64_t n = q_nope.size(0), H = q_nope.size(1), dn = q_nope.size(2), dr = q_pe.size(2);
-  const int64_t W = cache.size(1), C = W - dr, dv = w_uv.N / H;
-  TORCH_CHECK(rows.size(0) == n && rows.size(1) == W && w_uk.N == H * C && w_uk.K == dn && w_uv.N == H * dv &&
-              w_uv.K == C && cos.size(1) == dr / 2, "mla_decode: shapes");
-  TORCH_CHECK(start >= 0 && start + n <= cache.size(0), "mla_decode: cache too small");
-
-  at::BFloat16* kv = cache.data_ptr<at::BFloat16>();
-  const at::BFloat16* rp = rows.data_ptr<at::BFloat16>();
+// One request's n new tokens. Queries: token t's head h at q_nope + (t H + h) qn_row (nope values) and
+// q_pe + (t H + h) qp_row (rope values, not yet rotated); rows [n, W]: normalized latent | key, not yet rotated;
+// cos/sin [n, dr/2]. Writes cache rows start..start+n-1 and values [n, H, dv].
+void attend(const at::BFloat16* q_nope, int64_t qn_row, const at::BFloat16* q_pe, int64_t qp_row, int64_t H,
+            int64_t dn, int64_t dr, const at::BFloat16* rows, const float* cos, const float* sin, at::BFloat16* kv,
+            int64_t W, int64_t start, int64_t n, const QLinear& w_uk, const QLinear& w_uv, double scale,
+            bool interleave, at::BFloat16* values) {
+  const int64_t C = W - dr, dv = w_uv.N / H;
   for (int64_t t = 0; t < n; ++t) {
     at::BFloat16* dst = kv + (start + t) * W;
-    std::memcpy(dst, rp + t * W, C * sizeof(at::BFloat16));
-    rope_bf16(rp + t * W + C, cos.data_ptr<float>() + t * (dr / 2), sin.data_ptr<float>() + t * (dr / 2), dr,
-              interleave, dst + C);
+    std::memcpy(dst, rows + t * W, C * sizeof(at::BFloat16));
+    rope_bf16(rows + t * W + C, cos + t * (dr / 2), sin + t * (dr / 2), dr, interleave, dst + C);
   }
 
   // Queries in the latent space: q_lat[h, t, :] = W_UK[h] @ q_nope[t, h, :] (bf16, as the torch path rounds).
-  const int64_t qn_row = q_nope.stride(1), qp_row = q_pe.stride(1);  // between heads; tokens are H rows apart
-  const at::BFloat16* qn_at = q_nope.data_ptr<at::BFloat16>();
-  const at::BFloat16* qp_at = q_pe.data_ptr<at::BFloat16>();
   std::vector<at::BFloat16> qn(H * n * dn), q_lat(H * n * C), o_lat(H * n * C);  // [H, n, *]; o_lat: attended latents
   for (int64_t h = 0; h < H; ++h)
     for (int64_t t = 0; t < n; ++t)
-      std::memcpy(qn.data() + (h * n + t) * dn, qn_at + (t * H + h) * qn_row, dn * sizeof(at::BFloat16));
+      std::memcpy(qn.data() + (h * n + t) * dn, q_nope + (t * H + h) * qn_row, dn * sizeof(at::BFloat16));
   linear_heads_into(w_uk, H, qn.data(), n, q_lat.data());
 
   std::vector<at::BFloat16> q(H * W);  // one token's queries: [latent query | roped query] per head
@@ -183,8 +157,7 @@ torch::Tensor mla_decode(torch::Tensor q_nope,  // [n, H, nope]
     const int64_t S = start + t + 1;  // causal: this token sees positions 0..start+t
     for (int64_t h = 0; h < H; ++h) {
       std::memcpy(q.data() + h * W, q_lat.data() + (h * n + t) * C, C * sizeof(at::BFloat16));
-      rope_bf16(qp_at + (t * H + h) * qp_row, cos.data_ptr<float>() + t * (dr / 2),
-                sin.data_ptr<float>() + t * (dr / 2), dr, interleave, q.data() + h * W + C);
+      rope_bf16(q_pe + (t * H + h) * qp_row, cos + t * (dr / 2), sin + t * (dr / 2), dr, interleave, q.data() + h * W + C);
     }
     std::vector<float> scores((H + VALUE_HEADS - 1) / VALUE_HEADS * VALUE_HEADS * S);  // zero past H heads
     attention_scores(q.data(), kv, H, S, W, static_cast<float>(scale), scores.data());
@@ -192,15 +165,87 @@ torch::Tensor mla_decode(torch::Tensor q_nope,  // [n, H, nope]
       for (int64_t h = h0; h < h1; ++h) softmax(scores.data() + h * S, S);
     });
     attention_values(scores.data(), kv, H, S, W, C, attended.data());
-    at::BFloat16* out = o_lat.data();
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t c = 0; c < C; ++c) out[(h * n + t) * C + c] = bf(attended[h * C + c]);
+      for (int64_t c = 0; c < C; ++c) o_lat[(h * n + t) * C + c] = bf(attended[h * C + c]);
   }
 
-  // Values: values[t, h, :] = W_UV[h] @ o_lat[h, t, :].
-  auto values = torch::empty({H, n, dv}, q_nope.options());
-  linear_heads_into(w_uv, H, o_lat.data(), n, values.data_ptr<at::BFloat16>());
-  return values.transpose(0, 1);  // [n, H, v]
+  // Values: values[t, h, :] = W_UV[h] @ o_lat[h, t, :], written [H, n, dv] and laid out [n, H, dv].
+  std::vector<at::BFloat16> by_head(H * n * dv);
+  linear_heads_into(w_uv, H, o_lat.data(), n, by_head.data());
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t h = 0; h < H; ++h)
+      std::memcpy(values + (t * H + h) * dv, by_head.data() + (h * n + t) * dv, dv * sizeof(at::BFloat16));
+}
+
+void check_cache(const torch::Tensor& cache, int64_t W, int64_t start, int64_t n) {
+  check_bf16(cache, "MlaLayer cache");
+  TORCH_CHECK(cache.dim() == 2 && cache.size(1) == W, "MlaLayer: cache rows of ", W, " values");
+  TORCH_CHECK(start >= 0 && start + n <= cache.size(0), "MlaLayer: cache too small");
+}
+
+}  // namespace
+
+MlaLayer::MlaLayer(std::vector<QArgs> q, torch::Tensor q_a_norm, QArgs kv_a, torch::Tensor kv_a_norm, QArgs w_uk,
+                   QArgs w_uv, QArgs o_proj, int64_t heads, int64_t rope, double eps, double scale, bool interleave)
+    : kv_a_(qlinear(kv_a, "MlaLayer kv_a")), w_uk_(qlinear(w_uk, "MlaLayer w_uk")), w_uv_(qlinear(w_uv, "MlaLayer w_uv")),
+      o_(qlinear(o_proj, "MlaLayer o_proj")), kv_a_norm_(kv_a_norm.contiguous()), H_(heads), dr_(rope), eps_(eps),
+      scale_(scale), interleave_(interleave) {
+  TORCH_CHECK(q.size() == 1 || q.size() == 2, "MlaLayer: q is [q_proj] or [q_a_proj, q_b_proj]");
+  for (const QArgs& a : q) q_.push_back(qlinear(a, "MlaLayer q"));
+  if (q.size() == 2) q_a_norm_ = q_a_norm.contiguous();
+  check_bf16(kv_a_norm_, "MlaLayer kv_a_norm");
+  const int64_t C = kv_a_.N - dr_, D = kv_a_.K;
+  dn_ = q_.back().N / H_ - dr_;
+  TORCH_CHECK(q_.back().N == H_ * (dn_ + dr_) && q_.front().K == D && kv_a_norm_.numel() == C && w_uk_.N == H_ * C &&
+              w_uk_.K == dn_ && w_uv_.K == C && w_uv_.N % H_ == 0 && o_.K == w_uv_.N && o_.N == D,
+              "MlaLayer: weight shapes do not make MLA attention");
+  TORCH_CHECK(q.size() == 1 || (q_[1].K == q_[0].N && q_a_norm_.numel() == q_[0].N), "MlaLayer: q_b / q_a_norm shape");
+  for (const QArgs& a : q) keep(a);
+  for (const QArgs* a : {&kv_a, &w_uk, &w_uv, &o_proj}) keep(*a);
+}
+
+void MlaLayer::keep(const QArgs& a) {
+  for (const torch::Tensor& t : {std::get<0>(a), std::get<1>(a), std::get<2>(a)}) tensors_.push_back(t);
+}
+
+torch::Tensor MlaLayer::forward(torch::Tensor x, std::vector<std::tuple<torch::Tensor, int64_t, int64_t>> segments,
+                                torch::Tensor cos, torch::Tensor sin) const {
+  x = x.contiguous();
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  check_bf16(x, "MlaLayer x");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, "MlaLayer: cos/sin fp32");
+  const int64_t n = x.size(0), D = kv_a_.K, W = kv_a_.N, C = W - dr_, qk = dn_ + dr_, dv = w_uv_.N / H_;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == D && cos.size(0) == n && cos.size(1) == dr_ / 2, "MlaLayer: x ", x.sizes());
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  // The projections, bf16 between each as the reference rounds: q (through q_a and its norm where it has one),
+  // and the cache rows' inputs, [normalized latent | key].
+  std::vector<at::BFloat16> q(n * H_ * qk), rows(n * W), values(n * H_ * dv);
+  if (q_.size() == 2) {
+    std::vector<at::BFloat16> q_a(n * q_[0].N);
+    linear_q_into(q_[0], xp, n, q_a.data());
+    rms_norm_rows(q_a.data(), q_a_norm_.data_ptr<at::BFloat16>(), n, q_[0].N, eps_, q_a.data());
+    linear_q_into(q_[1], q_a.data(), n, q.data());
+  } else {
+    linear_q_into(q_[0], xp, n, q.data());
+  }
+  linear_q_into(kv_a_, xp, n, rows.data());
+  for (int64_t t = 0; t < n; ++t)  // the latent normalized in place: rows of W, the first C of them
+    rms_norm_rows(rows.data() + t * W, kv_a_norm_.data_ptr<at::BFloat16>(), 1, C, eps_, rows.data() + t * W);
+  int64_t offset = 0;
+  for (const auto& [cache, start, length] : segments) {
+    TORCH_CHECK(length > 0 && offset + length <= n, "MlaLayer: segments cover more than the step's tokens");
+    check_cache(cache, W, start, length);
+    attend(q.data() + offset * H_ * qk, qk, q.data() + offset * H_ * qk + dn_, qk, H_, dn_, dr_, rows.data() + offset * W,
+           cos.data_ptr<float>() + offset * (dr_ / 2), sin.data_ptr<float>() + offset * (dr_ / 2),
+           cache.data_ptr<at::BFloat16>(), W, start, length, w_uk_, w_uv_, scale_, interleave_,
+           values.data() + offset * H_ * dv);
+    offset += length;
+  }
+  TORCH_CHECK(offset == n, "MlaLayer: segments cover ", offset, " of the step's ", n, " tokens");
+  auto out = torch::empty({n, D}, x.options());
+  linear_q_into(o_, values.data(), n, out.data_ptr<at::BFloat16>());
+  return out;
 }
 
 }  // namespace moemesh
