@@ -221,15 +221,12 @@ torch::Tensor MlaLayer::forward(torch::Tensor x, std::vector<std::tuple<torch::T
   // The projections, bf16 between each as the reference rounds: q (through q_a and its norm where it has one),
   // and the cache rows' inputs, [normalized latent | key].
   std::vector<at::BFloat16> q(n * H_ * qk), rows(n * W), values(n * H_ * dv);
+  std::vector<at::BFloat16> q_a(q_.size() == 2 ? n * q_[0].N : 0);
+  linear_q_pair_into(q_[0], kv_a_, xp, n, q_.size() == 2 ? q_a.data() : q.data(), rows.data());
   if (q_.size() == 2) {
-    std::vector<at::BFloat16> q_a(n * q_[0].N);
-    linear_q_into(q_[0], xp, n, q_a.data());
     rms_norm_rows(q_a.data(), q_a_norm_.data_ptr<at::BFloat16>(), n, q_[0].N, eps_, q_a.data());
     linear_q_into(q_[1], q_a.data(), n, q.data());
-  } else {
-    linear_q_into(q_[0], xp, n, q.data());
   }
-  linear_q_into(kv_a_, xp, n, rows.data());
   for (int64_t t = 0; t < n; ++t)  // the latent normalized in place: rows of W, the first C of them
     rms_norm_rows(rows.data() + t * W, kv_a_norm_.data_ptr<at::BFloat16>(), 1, C, eps_, rows.data() + t * W);
   int64_t offset = 0;

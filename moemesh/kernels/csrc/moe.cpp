@@ -101,14 +101,17 @@ torch::Tensor run(const torch::Tensor& x, std::vector<Expert>& experts) {
     for (int64_t row = 0; row < I; row += MOE_GRAIN) up_items.push_back({i, row});
     for (int64_t row = 0; row < D; row += MOE_GRAIN) down_items.push_back({i, row});
   }
-  for_each_item(static_cast<int64_t>(up_items.size()), [&](int64_t i) {  // gate and up rows, then their SwiGLU
+  // Gate and up rows, then their SwiGLU; whichever thread finishes an expert's last item arranges its down inputs.
+  std::vector<std::atomic<int64_t>> pending(experts.size());
+  for (size_t i = 0; i < experts.size(); ++i) pending[i] = (experts[i].gate.N + MOE_GRAIN - 1) / MOE_GRAIN;
+  for_each_item(static_cast<int64_t>(up_items.size()), [&](int64_t i) {
     Expert& e = experts[up_items[i].expert];
     const int64_t I = e.gate.N, begin = up_items[i].row, end = std::min(I, begin + MOE_GRAIN);
     linear_rows_q(e.gate, *e.xg, e.g, begin, end);
     linear_rows_q(e.up, *e.xu, e.u, begin, end);
     for (size_t t = 0; t < e.rows.size(); ++t) swiglu_bf16(e.g + t * I + begin, e.u + t * I + begin, end - begin);
+    if (--pending[up_items[i].expert] == 0) e.xd = prepare(e.down, e.g, static_cast<int64_t>(e.rows.size()));
   });
-  for (Expert& e : experts) e.xd = prepare(e.down, e.g, static_cast<int64_t>(e.rows.size()));
   for_each_item(static_cast<int64_t>(down_items.size()), [&](int64_t i) {
     Expert& e = experts[down_items[i].expert];
     linear_rows_q(e.down, e.xd, e.y, down_items[i].row, std::min(D, down_items[i].row + MOE_GRAIN));

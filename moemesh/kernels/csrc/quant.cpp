@@ -513,6 +513,21 @@ void linear_q_into(const QLinear& w, const at::BFloat16* x, int64_t M, at::BFloa
   });
 }
 
+void linear_q_pair_into(const QLinear& a, const QLinear& b, const at::BFloat16* x, int64_t M, at::BFloat16* ya,
+                        at::BFloat16* yb) {
+  const Acts xa = prepare(a, x, M);
+  const bool shared = a.kind == b.kind && a.K == b.K && a.group == b.group && a.lanes == b.lanes;
+  const Acts xb = shared ? Acts{} : prepare(b, x, M);
+  const int64_t items_a = (a.N + ROW_GRAIN - 1) / ROW_GRAIN, items = items_a + (b.N + ROW_GRAIN - 1) / ROW_GRAIN;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {  // a's row items, then b's
+    if (begin < items_a) linear_rows_q(a, xa, ya, begin * ROW_GRAIN, std::min(a.N, std::min(end, items_a) * ROW_GRAIN));
+    if (end > items_a) {
+      const int64_t from = std::max(begin, items_a) - items_a, to = end - items_a;
+      linear_rows_q(b, shared ? xa : xb, yb, from * ROW_GRAIN, std::min(b.N, to * ROW_GRAIN));
+    }
+  });
+}
+
 void linear_heads_into(const QLinear& w, int64_t H, const at::BFloat16* x, int64_t n, at::BFloat16* y) {
   TORCH_CHECK(w.N % H == 0, "linear_heads: ", w.N, " weight rows are not ", H, " heads");
   const int64_t N = w.N / H;

@@ -75,6 +75,9 @@ Acts prepare(const QLinear& w, const at::BFloat16* x, int64_t M);
 // (or row_end = N), as row items of 16 rows always are.
 void linear_rows_q(const QLinear& w, const Acts& xs, at::BFloat16* y, int64_t row_begin, int64_t row_end);
 void linear_q_into(const QLinear& w, const at::BFloat16* x, int64_t M, at::BFloat16* y);
+// Two weights over the same x in one parallel pass (their activations arranged once where their formats agree).
+void linear_q_pair_into(const QLinear& a, const QLinear& b, const at::BFloat16* x, int64_t M, at::BFloat16* ya,
+                        at::BFloat16* yb);
 // Per head h < H: y[h] [n, N] = x[h] [n, K] @ (rows h*N.. of w)^T, where w stacks the H heads' [N, K] weights.
 void linear_heads_into(const QLinear& w, int64_t H, const at::BFloat16* x, int64_t n, at::BFloat16* y);
 
