@@ -139,17 +139,25 @@ void arrange_fp8(const QLinear& w, const uint16_t* x, uint16_t* const* s) {
 // (int4: i = 8 (chunk) + 4e + t) or as byte h (int8: i = 4 (chunk) + 2e + h, its low nibble in stream 2h against
 // x, its high one in stream 2h + 1 against 16 x).
 void arrange_lanes(const QLinear& w, const uint16_t* x, uint16_t* const* s) {
-  const int64_t g = w.group, G = w.groups(), span_chunks = w.span_chunks();
+  const int64_t G = w.groups(), span_chunks = w.span_chunks();
   for (int64_t p = 0; p < w.patterns(); ++p)
     for (int64_t l = 0; l < 16; ++l) {
-      const uint16_t* xg = x + (16 * p + l) % G * g;
-      for (int64_t i = 0; i < g; ++i) {
-        if (w.kind == KIND_INT4) {
-          s[i % 4][32 * (p * span_chunks + i / 8) + 2 * l + i % 8 / 4] = xg[i];
-        } else {
-          const int64_t at = 32 * (p * span_chunks + i / 4) + 2 * l + i % 4 / 2, h = i % 2;
-          s[2 * h][at] = xg[i];
-          s[2 * h + 1][at] = at::BFloat16(16.0f * bf16_to_float(xg[i])).x;
+      const uint16_t* xg = x + (16 * p + l) % G * w.group;
+      for (int64_t c = 0; c < span_chunks; ++c) {
+        const int64_t at = 32 * (p * span_chunks + c) + 2 * l;
+        if (w.kind == KIND_INT4) {  // values 8c + 4e + t: stream t, lane at + e
+          const uint16_t* v = xg + 8 * c;
+          for (int t = 0; t < 4; ++t) {
+            s[t][at] = v[t];
+            s[t][at + 1] = v[4 + t];
+          }
+        } else {  // values 4c + 2e + h: streams 2h (x) and 2h + 1 (16 x), lane at + e
+          const uint16_t* v = xg + 4 * c;
+          for (int e = 0; e < 2; ++e)
+            for (int h = 0; h < 2; ++h) {
+              s[2 * h][at + e] = v[2 * e + h];
+              s[2 * h + 1][at + e] = at::BFloat16(16.0f * bf16_to_float(v[2 * e + h])).x;
+            }
         }
       }
     }
@@ -307,7 +315,8 @@ constexpr int SPANS = 4;
 // b_l X_l (see the top of the file), whose lanes are then added to their rows: a row's terms gather in `row_acc`
 // until its last group, then go to y as one bf16 value per token. One token keeps two chains per span (nibbles
 // 0, 1 and 2, 3) so that more chunks are in flight; more tokens keep one each (registers).
-template <int M>
+// SHARED_X: one pattern (G divides 16), so the spans in flight share each chunk's activations.
+template <int M, bool SHARED_X>
 void spans_affine(const QLinear& w, const Acts& xs, int64_t m0, at::BFloat16* y, int64_t row_begin, int64_t row_end) {
   constexpr bool two_chains = M == 1;
   const int64_t G = w.groups(), P = w.patterns(), span_chunks = w.span_chunks(), span_bytes = w.span_bytes();
@@ -340,6 +349,10 @@ void spans_affine(const QLinear& w, const Acts& xs, int64_t m0, at::BFloat16* y,
     for (int j = 0; j < SPANS; ++j)
       for (int m = 0; m < M; ++m) da[j][m] = db[j][m] = _mm512_setzero_ps();
     for (int64_t c = 0; c < span_chunks; ++c) {
+      __m512bh shared[SHARED_X ? M : 1][4];
+      if constexpr (SHARED_X)
+        for (int m = 0; m < M; ++m)
+          for (int t = 0; t < 4; ++t) shared[m][t] = (__m512bh)_mm512_loadu_si512(xs_at[0][m] + c * 32 + t * xs.width);
 #pragma GCC unroll 4
       for (int j = 0; j < SPANS; ++j) {
         _mm_prefetch(reinterpret_cast<const char*>(ws[j] + c * CHUNK_BYTES + SPAN_PREFETCH), _MM_HINT_T1);
@@ -348,8 +361,10 @@ void spans_affine(const QLinear& w, const Acts& xs, int64_t m0, at::BFloat16* y,
         __m512bh n[4];
         unpack_nibbles(v, n);
         for (int m = 0; m < M; ++m) {
-          const uint16_t* x = xs_at[j][m] + c * 32;
-          auto xt = [&](int t) { return (__m512bh)_mm512_loadu_si512(x + t * xs.width); };
+          auto xt = [&](int t) {
+            if constexpr (SHARED_X) return shared[m][t];
+            return (__m512bh)_mm512_loadu_si512(xs_at[j][m] + c * 32 + t * xs.width);
+          };
           da[j][m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(da[j][m], n[0], xt(0)), n[1], xt(1));
           __m512& second = two_chains ? db[j][m] : da[j][m];
           second = _mm512_dpbf16_ps(_mm512_dpbf16_ps(second, n[2], xt(2)), n[3], xt(3));
@@ -483,11 +498,12 @@ void linear_rows_q(const QLinear& w, const Acts& xs, at::BFloat16* y, int64_t ro
     const int take = static_cast<int>(std::min<int64_t>(4, xs.M - m));
 #if defined(__AVX512BF16__)
     if (w.lanes && w.groups() % 16 != 0) {  // spans across rows
+      const bool one = w.patterns() == 1;
       switch (take) {
-        case 4: spans_affine<4>(w, xs, m, y, row_begin, row_end); break;
-        case 3: spans_affine<3>(w, xs, m, y, row_begin, row_end); break;
-        case 2: spans_affine<2>(w, xs, m, y, row_begin, row_end); break;
-        default: spans_affine<1>(w, xs, m, y, row_begin, row_end);
+        case 4: (one ? spans_affine<4, true> : spans_affine<4, false>)(w, xs, m, y, row_begin, row_end); break;
+        case 3: (one ? spans_affine<3, true> : spans_affine<3, false>)(w, xs, m, y, row_begin, row_end); break;
+        case 2: (one ? spans_affine<2, true> : spans_affine<2, false>)(w, xs, m, y, row_begin, row_end); break;
+        default: (one ? spans_affine<1, true> : spans_affine<1, false>)(w, xs, m, y, row_begin, row_end);
       }
       continue;
     }
@@ -532,9 +548,13 @@ void linear_heads_into(const QLinear& w, int64_t H, const at::BFloat16* x, int64
   TORCH_CHECK(w.N % H == 0, "linear_heads: ", w.N, " weight rows are not ", H, " heads");
   const int64_t N = w.N / H;
   TORCH_CHECK(!w.lanes || N * w.groups() % 16 == 0, "linear_heads: a lane-major head holds whole spans of 16 groups");
-  for_each_item(H, [&](int64_t h) {  // a head's rows are one item: its activations are arranged once
-    const QLinear head = row_slice(w, h * N, N);
-    linear_rows_q(head, prepare(head, x + h * n * w.K, n), y + h * n * N, 0, N);
+  // Each thread takes a run of consecutive heads (each arranging its own activations): a head's weights are
+  // too few (~40 KB at int4) for the prefetchers to get going if each thread's next head lies elsewhere.
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      const QLinear head = row_slice(w, h * N, N);
+      linear_rows_q(head, prepare(head, x + h * n * w.K, n), y + h * n * N, 0, N);
+    }
   });
 }
 
