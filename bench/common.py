@@ -4,7 +4,6 @@ that defines the floor, and where results go."""
 from __future__ import annotations
 
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -12,8 +11,8 @@ from pathlib import Path
 import torch
 
 from moemesh.demo import DEMO_CONFIG, write_random_checkpoint
-from moemesh.model.config import args_from_dict
-from moemesh.model.layout import attention_shapes, head_shapes, mlp_shapes
+from moemesh.spec.config import args_from_dict
+from moemesh.spec.sizes import model_sizes, weight_format
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -43,20 +42,10 @@ def bench_checkpoint(path: Path, config: dict = BENCH_CONFIG) -> Path:
     return path
 
 
-def active_bytes_per_token(config: dict, bytes_per_param: float = 2.0) -> int:
-    """Weights read to decode one token: attention, dense MLP or shared + top_k routed experts, router,
-    norms, lm_head and one embedding row."""
-    a = args_from_dict(config)
-    n = lambda shapes: sum(math.prod(s) for s in shapes.values())  # noqa: E731
-    total = n(head_shapes(a)) - a.vocab_size * a.hidden_size + a.hidden_size  # one embedding row, not all
-    for layer in range(a.num_hidden_layers):
-        total += n(attention_shapes(a)) + 2 * a.hidden_size
-        if a.is_moe_layer(layer):
-            total += n(mlp_shapes(a.hidden_size, a.moe_intermediate_size)) * (a.num_experts_per_tok + a.n_shared_experts)
-            total += a.n_routed_experts * a.hidden_size * 2  # the float32 router (2x bf16 params)
-        else:
-            total += n(mlp_shapes(a.hidden_size, a.intermediate_size))
-    return int(total * bytes_per_param)
+def active_bytes_per_token(config: dict, bytes_per_param: int = 2) -> int:
+    """Weights read to decode one token (the planner's byte accounting): attention, dense MLP or router +
+    shared + top_k routed experts, norms, lm_head and one embedding row, in bf16 (2) or float32 (4)."""
+    return model_sizes(args_from_dict(config), weight_format("fp32" if bytes_per_param == 4 else "bf16")).read_bytes_per_token
 
 
 def read_bandwidth(threads: int = 2, repeats: int = 5) -> float:

@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import BENCH_CONFIG, V3_SHAPED_CONFIG, active_bytes_per_token, read_bandwidth  # noqa: E402
 
 from moemesh.demo import write_random_checkpoint  # noqa: E402
+from moemesh.kernels.formats import fp8_quantize  # noqa: E402
+from moemesh.spec.formats import FP8_BLOCK  # noqa: E402
 
 CONFIGS = {"v3-shaped": V3_SHAPED_CONFIG, "small": BENCH_CONFIG}
 FORMATS = ("bf16", "fp8", "int8", "int4")
@@ -52,7 +54,7 @@ def write_fp8(src: Path, dst: Path) -> None:
         for name, t in load_file(src / file).items():
             out[name] = t
             if t.dim() == 2 and ".layers." in name and "mlp.gate.weight" not in name:
-                out[name], out[name.removesuffix("weight") + "weight_scale_inv"] = fp8_blocks(t.float())
+                out[name], out[name.removesuffix("weight") + "weight_scale_inv"] = fp8_quantize(t, FP8_BLOCK)
         save_file(out, dst / file, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(out, file)
     (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
@@ -60,15 +62,6 @@ def write_fp8(src: Path, dst: Path) -> None:
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                   "weight_block_size": [128, 128]}
     (dst / "config.json").write_text(json.dumps(cfg))
-
-
-def fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out, inp = w.shape
-    po, pi = -out % 128, -inp % 128
-    blocks = torch.nn.functional.pad(w, (0, pi, 0, po)).view((out + po) // 128, 128, (inp + pi) // 128, 128)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-8) / 448.0
-    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
-    return q.view(out + po, inp + pi)[:out, :inp].contiguous(), scale
 
 
 def checkpoints(root: Path, config: dict) -> dict[str, Path]:
@@ -118,7 +111,7 @@ def matmul_throughput(fmt: str, args, reps: int = 20) -> dict:
     in turn (at least 56 MB, more than the last-level cache: the weights come from memory, as in decode)."""
     from moemesh.kernels.fp8 import Fp8Weight
     from moemesh.kernels.torch_backend import TorchBackend
-    from moemesh.model.affine import quantize
+    from moemesh.kernels.formats import quantize
 
     backend = TorchBackend(args, "bfloat16")
     weights = []
@@ -127,7 +120,7 @@ def matmul_throughput(fmt: str, args, reps: int = 20) -> dict:
         if fmt == "bf16":
             weights.append(w.bfloat16())
         elif fmt == "fp8":
-            weights.append(Fp8Weight(*fp8_blocks(w), (128, 128)))
+            weights.append(Fp8Weight(*fp8_quantize(w, FP8_BLOCK), FP8_BLOCK))
         else:
             words, s = quantize(w.bfloat16(), int(fmt[3:]), 64)
             weights.append(backend.linear_weight(words, s))  # as the model holds it (lane-major, see docs)
@@ -149,7 +142,7 @@ def measure(fmt: str, path: Path, tokens: int, reference: Path) -> dict:
 
     import moemesh
     from moemesh.kernels.cpu_ext import cpu_kernels
-    from moemesh.placement.sizes import model_sizes, weight_format
+    from moemesh.spec.sizes import model_sizes, weight_format
 
     cpu_kernels()  # built (or loaded) before the memory baseline, as are the modules loading imports
     import moemesh.model.engine  # noqa: F401

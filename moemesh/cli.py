@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .coordinator.cli import app as coordinator_app
 from .coordinator.cli import print_status, resolve
-from .units import fmt_bytes
+from .spec.units import fmt_bytes
 from .worker.cli import app as worker_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,

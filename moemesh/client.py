@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import grpc
 import torch
 
-from .model.config import args_from_dict
+from .spec.config import args_from_dict
 from .model.generate import GenerationStats
-from .model.routing import RoutingStats
+from .spec.routing import RoutingStats
 from .model.tokenizer import Tokenizer
 from .transport import moemesh_pb2 as pb
 from .transport import moemesh_pb2_grpc as rpc

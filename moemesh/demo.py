@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .model.config import args_from_dict
-from .model.layout import block_shapes, head_shapes, layer_prefix, mtp_head_shapes
+from .spec.config import args_from_dict
+from .spec.layout import block_shapes, head_shapes, layer_prefix, mtp_head_shapes
 
 DEMO_VERSION = 1
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"

@@ -4,12 +4,13 @@ conversion and hand-made MTP layers that transformers does not write."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from moemesh.kernels.formats import fp8_dequantize, fp8_quantize
 
 BASE = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -80,30 +81,6 @@ def add_mtp_layer(path: Path, config: DeepseekV3Config, seed: int = 1) -> None:
     cfg = json.loads((path / "config.json").read_text())
     cfg["num_nextn_predict_layers"] = 1
     (path / "config.json").write_text(json.dumps(cfg))
-
-
-def fp8_quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Official-format block quantization: per block scale_inv = amax / 448; weight = round(w / scale_inv)."""
-    out, inp = weight.shape
-    b0, b1 = block
-    scale = torch.empty(math.ceil(out / b0), math.ceil(inp / b1))
-    q = torch.empty(out, inp, dtype=torch.float8_e4m3fn)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = weight[i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1].float()
-            s = tile.abs().max().clamp(min=1e-8) / 448.0
-            scale[i, j] = s
-            q[i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1] = (tile / s).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    out = torch.empty(q.shape)
-    b0, b1 = block
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            out[i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1] = q[i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1].float() * scale[i, j]
-    return out
 
 
 def is_quantized_in_official_format(name: str, t: torch.Tensor) -> bool:

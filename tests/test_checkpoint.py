@@ -10,10 +10,11 @@ from safetensors.torch import load_file, save_file
 
 import moemesh
 from moemesh.model.checkpoint import Checkpoint, CheckpointError
-from moemesh.model.config import ConfigError, args_from_dict, load_args
-from moemesh.model.layout import block_shapes, head_shapes
+from moemesh.spec.config import ConfigError, args_from_dict, load_args
+from moemesh.spec.layout import block_shapes, head_shapes
 from moemesh.model.model import Transformer
 from moemesh.kernels import get_backend
+from test_placement_support import REAL_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,8 @@ def edit_tensors(path, fn):
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
 
 
-def test_real_671b_config_sizes(shared_dir):
-    cfg_path = shared_dir / "models" / "deepseek-v3-671b" / "config.json"
-    if not cfg_path.exists():
-        pytest.skip(f"{cfg_path} is not here (../shared is provided alongside the repository)")
-    a = load_args(cfg_path)
+def test_real_671b_config_sizes():
+    a = load_args(REAL_CONFIG)
     assert a.rope_interleave and a.rope_scaling.factor == 40 and a.rope_theta == 10000
     assert a.fp8_block == (128, 128) and a.mtp_layers == range(61, 62)
     assert a.kv_cache_bytes_per_token(2) == (512 + 64) * 2

@@ -11,7 +11,7 @@ from moemesh.kernels.base import MlpWeights, MoeWeights
 from moemesh.kernels.cpu_ext import cpu_kernels
 from moemesh.kernels.torch_backend import TorchBackend
 from moemesh.model.cache import KVCache, Segment
-from moemesh.model.config import args_from_dict
+from moemesh.spec.config import args_from_dict
 
 kernels = cpu_kernels()
 pytestmark = pytest.mark.skipif(kernels is None, reason="the CPU kernels could not be built on this machine")

@@ -3,15 +3,11 @@
 import json
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from moemesh.placement import plan
 from test_placement_support import EXAMPLES, REAL_CONFIG, REPO
-
-pytestmark = pytest.mark.skipif(not REAL_CONFIG.exists(), reason=f"real DeepSeek-V3 config not at {REAL_CONFIG}")
 
 # Runs the CLI in a fresh interpreter, then reports whether anything imported torch.
 RUNNER = """
@@ -28,14 +24,13 @@ sys.exit(code)
 
 
 def cli(*args, cwd):
-    start = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", RUNNER, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
-    return r, time.perf_counter() - start
+    return r
 
 
 def test_plan_on_the_exo_cluster_prints_the_reference_and_writes_outputs(tmp_path):
-    r, seconds = cli("plan", "--model", REAL_CONFIG, "--cluster", EXAMPLES / "mac-mini-m4pro-x8.yaml", "--quant", "int4",
+    r = cli("plan", "--model", REAL_CONFIG, "--cluster", EXAMPLES / "mac-mini-m4pro-x8.yaml", "--quant", "int4",
                      "--no-mtp", "--out", tmp_path / "plan.json", "--svg", tmp_path / "plan.svg", "--measured", "5.37",
                      cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -46,12 +41,11 @@ def test_plan_on_the_exo_cluster_prints_the_reference_and_writes_outputs(tmp_pat
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["format"] == "moemesh.plan/1" and saved["tokens_per_s"] > 0
     assert ET.parse(tmp_path / "plan.svg").getroot().tag.endswith("svg")
-    assert seconds < 5, f"CLI took {seconds:.1f} s"  # about 0.7 s here; loose for loaded CI machines
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
 def test_compare_runs_on_every_example(tmp_path, example):
-    r, _ = cli("compare", "--model", REAL_CONFIG, "--cluster", EXAMPLES / example, cwd=tmp_path)
+    r = cli("compare", "--model", REAL_CONFIG, "--cluster", EXAMPLES / example, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for name in ("equal split (mlx-lm)", "memory-proportional (exo)", "EPLB", "moemesh plan"):
         assert name in r.stdout
@@ -59,7 +53,7 @@ def test_compare_runs_on_every_example(tmp_path, example):
 
 
 def test_three_minis_cannot_hold_deepseek_v3_and_say_by_how_much(tmp_path):
-    r, _ = cli("plan", "--model", REAL_CONFIG, "--cluster", EXAMPLES / "mac-mini-m4pro-x3.yaml", cwd=tmp_path)
+    r = cli("plan", "--model", REAL_CONFIG, "--cluster", EXAMPLES / "mac-mini-m4pro-x3.yaml", cwd=tmp_path)
     assert r.returncode == 1
     assert "short by" in r.stdout and "mini-1" in r.stdout and "GB" in r.stdout
     assert not (tmp_path / "plan.json").exists()
@@ -69,18 +63,5 @@ def test_bad_cluster_file_names_file_and_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("nodes:\n  - {name: a, memory: 16 GB, bandwidth: fast, compute: 1 TFLOPS}\n"
                    "links: {default: {rtt: 1 ms, bandwidth: 1 Gbit/s}}\n")
-    r, _ = cli("plan", "--model", REAL_CONFIG, "--cluster", bad, cwd=tmp_path)
+    r = cli("plan", "--model", REAL_CONFIG, "--cluster", bad, cwd=tmp_path)
     assert r.returncode == 1 and "bad.yaml" in r.stdout and "'bandwidth'" in r.stdout
-
-
-def test_planning_the_real_model_takes_under_a_second():
-    cluster = EXAMPLES / "mac-mini-m4pro-x8.yaml"
-    plan(REAL_CONFIG, cluster)  # warm imports and caches
-    best = min(_timed(lambda: plan(REAL_CONFIG, cluster)) for _ in range(2))
-    assert best < 1.0, f"plan() took {best:.2f} s"
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start

@@ -2,7 +2,8 @@
 
 import pytest
 
-from moemesh.placement.cluster import ClusterError, cluster_from_dict, load_cluster, parse_quantity
+from moemesh.placement.cluster import ClusterError, cluster_from_dict, load_cluster
+from moemesh.spec.units import parse_quantity
 from test_placement_support import EXAMPLES
 
 

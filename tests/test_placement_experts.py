@@ -2,7 +2,7 @@
 
 import pytest
 
-from moemesh.model.routing import RoutingStats
+from moemesh.spec.routing import RoutingStats
 from moemesh.placement import plan
 from moemesh.placement.experts import (_water_fill, balancedness, decode_imbalance, node_loads, place_eplb,
                                        place_ours)
@@ -76,7 +76,6 @@ def test_single_token_imbalance():
     assert decode_imbalance(2, 256, 8, 4, 8) < decode_imbalance(4, 256, 8, 4, 8) < k8
 
 
-@pytest.mark.skipif(not REAL_CONFIG.exists(), reason=f"real DeepSeek-V3 config not at {REAL_CONFIG}")
 def test_real_model_with_zipf_statistics():
     stats = RoutingStats(E)
     for layer in range(3, 61):

@@ -4,7 +4,7 @@ import pytest
 
 from moemesh.placement import PlacementError, Plan, plan
 from moemesh.placement.cost import TimeModel
-from moemesh.placement.sizes import WeightFormat, model_sizes
+from moemesh.spec.sizes import WeightFormat, model_sizes
 from test_placement_support import cluster, node, tiny_args
 
 CONTEXT = 64

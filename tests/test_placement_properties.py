@@ -10,7 +10,7 @@ from moemesh.placement import PlacementError, plan
 from moemesh.placement.experts import balancedness, node_loads, place_ours
 from moemesh.placement.planner import evaluate, problem
 from moemesh.placement.search import Stage
-from moemesh.placement.sizes import WeightFormat, model_sizes
+from moemesh.spec.sizes import WeightFormat, model_sizes
 from moemesh.placement.strategies import greedy_stages
 from test_placement_support import cluster, node, tiny_args
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from moemesh.model.config import load_args
-from moemesh.placement.sizes import WeightFormat, model_sizes, tensor_bytes, weight_format
+from moemesh.spec.config import load_args
+from moemesh.spec.sizes import WeightFormat, model_sizes, tensor_bytes, weight_format
 from test_placement_support import REAL_CONFIG, tiny_args
 
 needs_real = pytest.mark.skipif(not REAL_CONFIG.exists(), reason=f"real DeepSeek-V3 config not at {REAL_CONFIG}")

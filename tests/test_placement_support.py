@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from moemesh.model.config import args_from_dict
+from moemesh.spec.config import args_from_dict
 from moemesh.placement import Cluster, Link, Node
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_CONFIG = REPO.parent / "shared" / "models" / "deepseek-v3-671b" / "config.json"
+REAL_CONFIG = REPO / "tests" / "data" / "deepseek-v3-671b" / "config.json"  # the published DeepSeek-V3 config.json
 EXAMPLES = REPO / "examples" / "clusters"
 GB = 10**9
 

@@ -16,8 +16,8 @@ from moemesh.kernels.cpu_ext import cpu_kernels
 from moemesh.kernels.fp8 import Fp8Weight, dequantize as fp8_dequantize, scaled_mm_linear, scaled_mm_supported
 from moemesh.kernels.quant_ops import kernel_args
 from moemesh.kernels.torch_backend import TorchBackend
-from moemesh.model.affine import quantize
-from moemesh.model.config import args_from_dict
+from moemesh.kernels.formats import quantize
+from moemesh.spec.config import args_from_dict
 from moemesh.model.model import _leaves
 from moemesh.quantize import Recipe, convert
 
@@ -176,7 +176,7 @@ def test_huge_page_arena_hands_out_separate_aligned_tensors():
 def test_backend_holds_whole_span_weights_lane_major():
     """linear_weight repacks what the kernels can take lane-major (and only where they run); experts, MLPs and
     embedding rows read it back right, decode and prefill."""
-    from moemesh.model.affine import AffineScales
+    from moemesh.kernels.formats import AffineScales
 
     args = args_from_dict(dict(model_type="deepseek_v3", vocab_size=64, hidden_size=512, intermediate_size=128,
                                num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=32, q_lora_rank=None,
@@ -232,7 +232,7 @@ def test_packed_heads_in_mla_decode(bits, group):
     blocks, the key half transposed block by block): the decode kernel against torch's attention over the
     dequantized heads. Cache rows must agree to bf16 rounding (kv_a's matmul sums in another order here)."""
     from moemesh.kernels.base import AttentionWeights
-    from moemesh.model.affine import AffineScales
+    from moemesh.kernels.formats import AffineScales
     from moemesh.model.cache import KVCache, Segment
 
     heads, nope, kv_lora, v = 3, group, 2 * group, group

@@ -12,9 +12,9 @@ from hf_reference import build_checkpoint, convert_to_fp8, make_config
 from safetensors.torch import load_file, save_file
 
 import moemesh
-from moemesh.model.affine import dequantize, quantize
+from moemesh.kernels.formats import dequantize, quantize
 from moemesh.model.checkpoint import CheckpointError
-from moemesh.placement.sizes import model_sizes, weight_format
+from moemesh.spec.sizes import model_sizes, weight_format
 from moemesh.quantize import Recipe, convert
 
 try:  # mlx and mlx-lm are optional (Linux: mlx[cpu])

@@ -9,7 +9,7 @@ from moemesh.transport import moemesh_pb2 as pb
 from moemesh.transport.codegen import HERE, generate
 from moemesh.transport.discovery import Discovery
 from moemesh.transport.wire import PROTOCOL_VERSION, ProtocolError, peer_host, tensor_from, tensor_msg, version_problem
-from moemesh.units import seconds, size_bytes
+from moemesh.spec.units import seconds, size_bytes
 
 
 def test_checked_in_stubs_are_generated_from_the_proto(tmp_path):

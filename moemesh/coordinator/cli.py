@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from ..units import fmt_bytes, ranges, seconds
+from ..spec.units import fmt_bytes, ranges, seconds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The machine that plans and serves.")
 console = Console(stderr=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ..model.config import ModelArgs
-from ..model.routing import RoutingStats
+from ..spec.config import ModelArgs
+from ..spec.routing import RoutingStats
 from ..placement import Cluster, Link, Node, Plan, plan
 from ..placement.planner import evaluate, problem
 from ..placement.search import Stage

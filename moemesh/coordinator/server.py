@@ -20,11 +20,11 @@ import torch
 
 from ..kernels import get_backend
 from ..model.checkpoint import Checkpoint, CheckpointError, fingerprint
-from ..model.layout import split_kv_b_shapes
+from ..spec.layout import split_kv_b_shapes
 from ..model.engine import eos_ids
 from ..model.generate import Sampling
 from ..model.model import Transformer
-from ..model.routing import RoutingStats
+from ..spec.routing import RoutingStats
 from ..model.tokenizer import Tokenizer
 from ..placement import PlacementError, Plan
 from ..transport import moemesh_pb2 as pb

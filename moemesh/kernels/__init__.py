@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..model.config import ModelArgs
+from ..spec.config import ModelArgs
 from .base import Backend
 
 BACKENDS = ("torch", "mlx")

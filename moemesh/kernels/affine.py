@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from ..model.affine import AffineScales, dequantize
+from .formats import AffineScales, dequantize
 
 _BAND_ROWS = 512  # rows dequantized at once: bounds the temporary copy
 

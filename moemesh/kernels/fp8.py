@@ -1,7 +1,5 @@
-"""FP8 e4m3 weights with block scales (the official DeepSeek-V3 checkpoint format), kept FP8 in memory.
-
-A weight W [out, in] is stored as e4m3 values plus `scale_inv` [ceil(out/b0), ceil(in/b1)] in float32;
-the real weight is W8 * scale_inv, block-wise. No full-size copy of the weight ever exists: on CPU, decode
+"""FP8 e4m3 weights with block scales (the official DeepSeek-V3 checkpoint format; see `formats.py`), kept
+FP8 in memory. No full-size copy of the weight ever exists: on CPU, decode
 steps run csrc/quant.cpp's kernel on the FP8 bytes; otherwise the matmul dequantizes a band of rows at a
 time (here, or in that kernel), or runs torch's blockwise-scaled FP8 matmul on Hopper GPUs.
 """
@@ -11,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..spec.formats import FP8_BLOCK, FP8_E4M3_MAX
+from .formats import fp8_dequantize
 
 # Rows dequantized at once: bounds the temporary copy to ~this many rows of the weight.
 _BAND_ROWS = 512
@@ -56,11 +57,7 @@ def split_kv_b(w: Fp8Weight, heads: int, nope: int, v: int) -> tuple[Fp8Weight, 
 
 
 def dequantize(w: Fp8Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W8 * scale_inv, block-wise, as `dtype` (float32 math, rounded once)."""
-    out, inp = w.weight.shape
-    b0, b1 = w.block
-    scale = w.scale_inv.repeat_interleave(b0, dim=0)[:out].repeat_interleave(b1, dim=1)[:, :inp]
-    return (w.weight.to(torch.float32) * scale).to(dtype)
+    return fp8_dequantize(w.weight, w.scale_inv, w.block, dtype)
 
 
 def fp8_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
@@ -77,7 +74,7 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
 def scaled_mm_supported(x: torch.Tensor, w: Fp8Weight) -> bool:
     """torch's blockwise-scaled FP8 matmul needs a Hopper GPU (compute capability 9.x) with CUDA >= 12.9,
     bf16 activations, 128x128 weight blocks and both weight dims multiples of 128."""
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 2 and w.block == (128, 128)):
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 2 and w.block == FP8_BLOCK):
         return False
     cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
     out, inp = w.weight.shape
@@ -92,7 +89,7 @@ def scaled_mm_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
 
     n, k = x.shape
     blocks = x.float().unflatten(1, (k // 128, 128))
-    x_scale = blocks.abs().amax(-1).clamp(min=1e-12) / 448.0  # [n, k/128]
+    x_scale = blocks.abs().amax(-1).clamp(min=1e-12) / FP8_E4M3_MAX  # [n, k/128]
     xq = (blocks / x_scale[..., None]).to(torch.float8_e4m3fn).flatten(1)
     # scale layouts as torch expects them: activations' [n, k/128] column-major; the weight's block scales
     # [k/128 padded to a multiple of 4, out/128], column-major

@@ -14,8 +14,8 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from ..model.affine import AffineScales
-from ..model.config import ModelArgs
+from .formats import AffineScales
+from ..spec.config import ModelArgs
 from .base import AttentionWeights, MlpWeights, MoeWeights
 from .fp8 import Fp8Weight, split_kv_b
 from .torch_backend import DECODE_TOKENS, rope_frequencies

@@ -38,7 +38,7 @@ def decode_bandwidth(hidden: int, intermediate: int, dtype: str = "bfloat16", de
     token, over more weights than the caches hold. What a decode step achieves, overheads included."""
     from . import get_backend
     from .base import MlpWeights
-    from ..model.config import args_from_dict
+    from ..spec.config import args_from_dict
 
     args = args_from_dict({"model_type": "deepseek_v3", "vocab_size": 1, "hidden_size": hidden,
                            "intermediate_size": intermediate, "num_hidden_layers": 1, "num_attention_heads": 1,

@@ -11,22 +11,21 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from ..spec.formats import FP8_BLOCK, Kind, affine_kind
 from .affine import AffineWeight, affine_linear
 from .fp8 import Fp8Weight, fp8_linear
 
-BF16, FP8, INT4, INT8 = 0, 1, 2, 3  # csrc/quant.h's Kind; + LANES: int4/int8 in the lane-major layout
-LANES = 2
 _NONE = torch.empty(0)
 _TILE_ROWS = 512  # prefill: rows dequantized to bf16 at once
 
 
 def kernel_args(w) -> tuple | None:
     if isinstance(w, torch.Tensor):
-        return (w, _NONE, _NONE, BF16, 0) if w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous() else None
+        return (w, _NONE, _NONE, Kind.BF16, 0) if w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous() else None
     if isinstance(w, Fp8Weight):
-        return (w.weight.view(torch.uint8), w.scale_inv, _NONE, FP8, 128) if w.block == (128, 128) else None
+        return (w.weight.view(torch.uint8), w.scale_inv, _NONE, Kind.FP8, FP8_BLOCK[0]) if w.block == FP8_BLOCK else None
     if isinstance(w, AffineWeight) and w.scales.dtype == torch.bfloat16:
-        return w.weight, w.scales, w.biases, (INT4 if w.bits == 4 else INT8) + (LANES if w.lanes else 0), w.group_size
+        return w.weight, w.scales, w.biases, affine_kind(w.bits, w.lanes), w.group_size
     return None
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model.affine import AffineScales
-from ..model.config import ModelArgs
+from .formats import AffineScales
+from ..spec.config import ModelArgs
 from .affine import AffineWeight, affine_embed, affine_weight, lanes_fit, to_dense, to_lanes
 from .base import AttentionWeights, MlpWeights, MoeWeights
 from .cpu_ext import cpu_kernels

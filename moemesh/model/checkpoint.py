@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .affine import AffineScales
-from .config import ConfigError, ModelArgs, args_from_dict, load_config
-from .layout import split_kv_b_shapes
+from ..kernels.formats import AffineScales
+from ..spec.config import ConfigError, ModelArgs, args_from_dict, load_config
+from ..spec.layout import split_kv_b_shapes
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP8_DTYPE = torch.float8_e4m3fn

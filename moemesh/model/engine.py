@@ -16,10 +16,10 @@ import torch
 from ..kernels import get_backend
 from .cache import KVCache, Segment
 from .checkpoint import Checkpoint
-from .config import ModelArgs
+from ..spec.config import ModelArgs
 from .generate import GenerationStats, Request, Sampling, generate_tokens
 from .model import Progress, Transformer
-from .routing import RoutingStats
+from ..spec.routing import RoutingStats
 from .tokenizer import Tokenizer
 
 

@@ -12,9 +12,9 @@ from typing import Any
 from ..kernels.base import AttentionWeights, Backend, MlpWeights, MoeWeights
 from .cache import Segment
 from .checkpoint import Checkpoint
-from .config import ModelArgs
-from .layout import attention_shapes, block_shapes, head_shapes, layer_prefix, mlp_shapes, mtp_head_shapes
-from .routing import RoutingStats
+from ..spec.config import ModelArgs
+from ..spec.layout import attention_shapes, block_shapes, head_shapes, layer_prefix, mlp_shapes, mtp_head_shapes
+from ..spec.routing import RoutingStats
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 # For MoE layers whose routed experts live on several nodes: (layer, x [n, hidden], expert ids [n, k],

@@ -8,11 +8,11 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ..model.config import ConfigError
+from ..spec.config import ConfigError
 from .cluster import ClusterError
 from .planner import PlacementError, plan_problem, problem
 from .render import compare_table, nodes_table, reference_lines, stages_table, summary_lines, svg
-from .sizes import QUANTS
+from ..spec.sizes import QUANTS
 from .strategies import compare as compare_strategies
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,

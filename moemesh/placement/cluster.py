@@ -3,19 +3,19 @@
 Built in code by the coordinator (`Cluster(nodes=[Node(...)], ...)`) or read from a YAML/JSON
 file a user writes (`load_cluster`); see examples/clusters/ and docs/placement.md for the format.
 Quantities are plain numbers in base units (bytes, bytes/s, flop/s, seconds) or strings with a
-unit: "64 GB", "273 GB/s", "10 Gbit/s", "0.3 ms", "8.5 TFLOPS". Decimal prefixes (k, M, G, T)
-are powers of 1000; binary ones (Ki, Mi, Gi, Ti) powers of 1024.
+unit: "64 GB", "273 GB/s", "10 Gbit/s", "0.3 ms", "8.5 TFLOPS" (`moemesh.spec.units`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..spec.units import parse_quantity
 
 BACKENDS = ("mlx", "cuda", "rocm", "cpu", "mps")
 
@@ -95,53 +95,6 @@ class Cluster:
     def with_node(self, node: Node) -> Cluster:
         """The cluster after `node` joins."""
         return Cluster(self.nodes + (node,), self.default_link, self.links, self.name, self.reference)
-
-
-# ---- units -------------------------------------------------------------------------------------
-
-_PREFIX = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
-           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-_TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-zµ/]*)\s*$")
-
-
-def _split(text: str) -> tuple[float, str]:
-    m = _QUANTITY.match(text)
-    if not m:
-        raise ValueError(f"cannot read '{text}' as a number with a unit")
-    return float(m.group(1)), m.group(2)
-
-
-def _prefixed(unit: str, bases: dict[str, float]) -> float | None:
-    for base, scale in bases.items():
-        if unit.endswith(base) and unit[: len(unit) - len(base)] in _PREFIX:
-            return _PREFIX[unit[: len(unit) - len(base)]] * scale
-    return None
-
-
-def parse_quantity(value: Any, kind: str) -> float:
-    """`value` in base units; kind is 'bytes', 'bytes/s', 'flop/s' or 'seconds'."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"expected a number or a string with a unit, got {value!r}")
-    if not isinstance(value, str):
-        number, unit = float(value), ""
-    else:
-        number, unit = _split(value)
-    if not unit:
-        return number
-    if kind == "seconds":
-        scale = _TIME.get(unit)
-    elif kind == "bytes":
-        scale = _prefixed(unit, {"B": 1.0})
-    elif kind == "bytes/s":
-        scale = _prefixed(unit, {"B/s": 1.0, "bit/s": 1 / 8, "bps": 1 / 8, "b/s": 1 / 8})
-    elif kind == "flop/s":
-        scale = _prefixed(unit, {"FLOPS": 1.0, "FLOP/s": 1.0, "flops": 1.0, "flop/s": 1.0})
-    else:
-        raise AssertionError(kind)
-    if scale is None:
-        raise ValueError(f"unit '{unit}' in '{value}' is not a unit of {kind}")
-    return number * scale
 
 
 # ---- files -------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..model.config import ModelArgs
+from ..spec.config import ModelArgs
 from .cluster import Cluster, Node
 from .experts import decode_imbalance
-from .sizes import ModelSizes
+from ..spec.sizes import ModelSizes
 
 
 @dataclass(frozen=True)

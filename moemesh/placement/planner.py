@@ -9,24 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..model.config import ModelArgs, load_args
-from ..model.routing import RoutingStats
+from ..spec.config import ModelArgs, load_args
+from ..spec.routing import RoutingStats
+from ..spec.sizes import model_sizes, weight_format
+from ..spec.units import fmt_bytes
 from .cluster import Cluster, load_cluster
 from .cost import TimeModel
 from .experts import balancedness, contiguous, node_loads, place_eplb, place_ours
 from .plan import LayerExperts, NodeUse, Plan, StagePlan
-from .search import Stage, search
-from .sizes import model_sizes, weight_format
-
-GB = 1e9
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, scale in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale / 10:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
-
+from .search import Stage, proportional_stages, search
 
 class PlacementError(ValueError):
     """No plan fits; `shortfalls` maps node name -> bytes missing on that node."""
@@ -234,8 +225,6 @@ def _model_summary(p: Problem) -> dict:
 
 def no_fit_error(p: Problem) -> PlacementError:
     """Name the nodes that are short, and by how much, for the split in proportion to memory."""
-    from .strategies import proportional_stages
-
     tm = p.tm
     need = tm.head_memory() + sum(tm.lead_memory(l) + s.n_experts * s.expert_bytes for l, s in enumerate(tm.sizes.layers))
     have = sum(n.memory for n in p.cluster.nodes)

@@ -7,8 +7,8 @@ from html import escape
 from rich.table import Table
 
 from .cluster import Reference
+from ..spec.units import fmt_bytes
 from .plan import Plan
-from .planner import GB, fmt_bytes
 from .strategies import Row
 
 
@@ -26,7 +26,7 @@ def nodes_table(plan: Plan) -> Table:
     for n in plan.nodes:
         experts = f"{n.expert_slots / moe_layers:.1f}" if n.expert_slots else "-"
         t.add_row(f"{n.name} ({n.backend})", n.role, _layers(plan, n.name), experts,
-                  f"{n.memory_used / GB:.1f}/{n.memory_budget / GB:.1f}", f"{n.memory_free / GB:.1f}",
+                  f"{n.memory_used / 1e9:.1f}/{n.memory_budget / 1e9:.1f}", f"{n.memory_free / 1e9:.1f}",
                   f"{n.busy_ms:.1f}")
     return t
 

@@ -278,3 +278,33 @@ def _search_fixed_order(cluster: Cluster, tm: TimeModel) -> SearchResult | None:
         q, j = int(prev[j]), int(starts[j])
     return SearchResult(stages[::-1], float(final[0]),
                         f"fixed order (head, then by bandwidth) over {len(nodes)} nodes, exact layer ranges")
+
+
+# ---- simple splits (the baselines in strategies.py; no_fit_error's trial split) ----
+
+def head_first(cluster: Cluster, key=None) -> list[Node]:
+    rest = [n for n in cluster.nodes if n is not cluster.head]
+    return [cluster.head] + (sorted(rest, key=key) if key else rest)
+
+
+def stages_of(nodes: list[Node], bounds: list[int]) -> list[Stage]:
+    return [Stage(n.name, a, b) for n, a, b in zip(nodes, bounds, bounds[1:]) if b > a]
+
+
+def equal_stages(cluster: Cluster, n_layers: int) -> list[Stage]:
+    nodes = head_first(cluster)
+    per, extra = divmod(n_layers, len(nodes))
+    bounds = [0]
+    for i in range(len(nodes)):
+        bounds.append(bounds[-1] + per + (i < extra))
+    return stages_of(nodes, bounds)
+
+
+def proportional_stages(cluster: Cluster, n_layers: int) -> list[Stage]:
+    nodes = head_first(cluster, key=lambda n: -n.memory)
+    total = sum(n.memory for n in nodes)
+    bounds, seen = [0], 0
+    for n in nodes:
+        seen += n.memory
+        bounds.append(n_layers if n is nodes[-1] else int(round(seen / total, 5) * n_layers))
+    return stages_of(nodes, bounds)

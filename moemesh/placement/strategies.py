@@ -17,41 +17,13 @@ from .cluster import Cluster, Node
 from .cost import TimeModel
 from .plan import Plan
 from .planner import PlacementError, Problem, evaluate, plan_problem
-from .search import Stage
-
-
-def _head_first(cluster: Cluster, key=None) -> list[Node]:
-    rest = [n for n in cluster.nodes if n is not cluster.head]
-    return [cluster.head] + (sorted(rest, key=key) if key else rest)
-
-
-def _stages(nodes: list[Node], bounds: list[int]) -> list[Stage]:
-    return [Stage(n.name, a, b) for n, a, b in zip(nodes, bounds, bounds[1:]) if b > a]
-
-
-def equal_stages(cluster: Cluster, n_layers: int) -> list[Stage]:
-    nodes = _head_first(cluster)
-    per, extra = divmod(n_layers, len(nodes))
-    bounds = [0]
-    for i in range(len(nodes)):
-        bounds.append(bounds[-1] + per + (i < extra))
-    return _stages(nodes, bounds)
-
-
-def proportional_stages(cluster: Cluster, n_layers: int) -> list[Stage]:
-    nodes = _head_first(cluster, key=lambda n: -n.memory)
-    total = sum(n.memory for n in nodes)
-    bounds, seen = [0], 0
-    for n in nodes:
-        seen += n.memory
-        bounds.append(n_layers if n is nodes[-1] else int(round(seen / total, 5) * n_layers))
-    return _stages(nodes, bounds)
+from .search import Stage, equal_stages, head_first, proportional_stages
 
 
 def greedy_stages(cluster: Cluster, tm: TimeModel) -> list[Stage] | None:
     """Each node in file order (head first) takes as many whole layers as its memory holds."""
     stages, layer = [], 0
-    for node in _head_first(cluster):
+    for node in head_first(cluster):
         free = node.memory - (tm.head_memory() if node is cluster.head else 0)
         if free < 0:
             return None

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
 from ..transport.wire import host_name
-from ..units import fmt_bytes, size_bytes
+from ..spec.units import fmt_bytes, size_bytes
 from .server import WorkerOptions, serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="A machine that lends its memory and compute.")

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from ..kernels import get_backend
 from ..model.checkpoint import Checkpoint, fingerprint
-from ..model.config import args_from_dict
-from ..model.layout import block_shapes, layer_prefix, mlp_shapes
+from ..spec.config import args_from_dict
+from ..spec.layout import block_shapes, layer_prefix, mlp_shapes
 from ..model.model import Transformer
 from ..transport import moemesh_pb2 as pb
 from ..transport import moemesh_pb2_grpc as rpc
@@ -28,7 +28,7 @@ from ..transport.pipeline import StepStream
 from ..transport.wire import (GRPC_OPTIONS, PROTOCOL_VERSION, ProtocolError, address, new_node_id, node_info,
                               tensor_from, tensor_msg, version_problem)
 from ..process import stop_on_signals
-from ..units import ranges
+from ..spec.units import ranges
 from ..kernels.profile import decode_bandwidth, matmul_flops, memory_bandwidth
 from .shard import Shard
 

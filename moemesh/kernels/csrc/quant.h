@@ -7,9 +7,20 @@
 
 namespace moemesh {
 
-// As Python passes it; the _LANES kinds are INT4/INT8 in the lane-major layout (QLinear::lanes, below).
-enum Kind : int64_t { KIND_BF16 = 0, KIND_FP8 = 1, KIND_INT4 = 2, KIND_INT8 = 3, KIND_INT4_LANES = 4, KIND_INT8_LANES = 5 };
-constexpr int64_t FP8_BLOCK = 128;
+// As Python passes it; the _LANES kinds are INT4/INT8 in the lane-major layout (QLinear::lanes, below). The
+// values come from moemesh/spec/formats.py's `Kind`, given as -D flags by the build (cpu_ext.py).
+enum Kind : int64_t {
+  KIND_BF16 = MOEMESH_KIND_BF16,
+  KIND_FP8 = MOEMESH_KIND_FP8,
+  KIND_INT4 = MOEMESH_KIND_INT4,
+  KIND_INT8 = MOEMESH_KIND_INT8,
+  KIND_INT4_LANES = MOEMESH_KIND_INT4_LANES,
+  KIND_INT8_LANES = MOEMESH_KIND_INT8_LANES,
+};
+// qlinear takes INT4..INT8_LANES as one range and maps a _LANES kind back by one offset.
+static_assert(KIND_INT4 < KIND_INT8 && KIND_INT8 < KIND_INT4_LANES && KIND_INT4_LANES < KIND_INT8_LANES &&
+              KIND_INT4_LANES - KIND_INT4 == KIND_INT8_LANES - KIND_INT8, "kind codes out of the order qlinear reads");
+constexpr int64_t FP8_BLOCK = MOEMESH_FP8_BLOCK;  // square blocks (spec/formats.py)
 constexpr int64_t CHUNK_BYTES = 64;  // weight bytes per inner step (one zmm): 128 int4, 64 int8 or 64 fp8 values
 
 // A linear weight as Python passes it: (weight, scales, biases, kind, group_size); see ../quant_ops.py.

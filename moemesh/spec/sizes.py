@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from functools import reduce
 from operator import mul
 
-from ..model.config import ModelArgs
-from ..model.layout import (Shape, attention_shapes, head_shapes, mlp_shapes, mtp_head_shapes, router_shapes,
+from .config import ModelArgs
+from .layout import (Shape, attention_shapes, head_shapes, mlp_shapes, mtp_head_shapes, router_shapes,
                             split_kv_b_shapes)
 
 QUANTS = ("bf16", "fp8", "int4", "int8", "fp32")  # fp32: bf16 checkpoints run in float32

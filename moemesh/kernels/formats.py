@@ -1,11 +1,16 @@
-"""The MLX affine format for quantized weights (what `mx.quantize` and mlx-lm write), as stored in checkpoints.
+"""The compact weight formats in torch: pack, quantize and dequantize, as stored in checkpoints. The checkpoint
+reader, the kernels, `moemesh quantize`, the benchmarks and the tests all take them from here; the formats'
+constants are in `moemesh.spec.formats` (docs/formats.md has the byte-level layouts).
 
-A weight W [out, in] is cut into groups of `group_size` consecutive inputs; each group has a scale s and a
+MLX affine (what `mx.quantize` and mlx-lm write): a weight W [out, in] is cut into groups of `group_size` consecutive inputs; each group has a scale s and a
 bias b, and each weight is an unsigned integer q of `bits` bits: W ~ q * s + b. Storage:
 - `weight`  uint32 [out, in * bits / 32]: 32/bits values per word, the first in the lowest bits;
 - `scales`, `biases` [out, in / group_size], in the model's float dtype.
 The quantizer below reproduces `mx.quantize` bit for bit (tests check it), so a shard written here serves
 torch, MLX and mlx-lm alike.
+
+FP8 (the official DeepSeek-V3 format): a weight W [out, in] is stored as e4m3 values plus `scale_inv`
+[ceil(out/b0), ceil(in/b1)] in float32; the real weight is W8 * scale_inv, block by block.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from .config import BITS, GROUP_SIZES
+from ..spec.formats import BITS, FP8_E4M3_MAX, GROUP_SIZES
 
 
 @dataclass
@@ -24,10 +30,6 @@ class AffineScales:
     biases: torch.Tensor  # same shape and dtype
     bits: int
     group_size: int
-
-
-def packed_columns(in_features: int, bits: int) -> int:
-    return in_features * bits // 32
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -71,3 +73,25 @@ def dequantize(words: torch.Tensor, s: AffineScales, dtype: torch.dtype = torch.
     q = unpack(words, s.bits).float().unflatten(-1, (-1, s.group_size))
     w = q * s.scales.float().unsqueeze(-1) + s.biases.float().unsqueeze(-1)
     return w.flatten(-2).to(dtype)
+
+
+def fp8_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official block quantization: per block scale_inv = amax / 448, values = w / scale_inv in e4m3.
+    Returns (e4m3 [out, in], float32 scale_inv [ceil(out/b0), ceil(in/b1)]); partial edge blocks are scaled
+    by their own amax."""
+    out, inp = w.shape
+    b0, b1 = block
+    po, pi = -out % b0, -inp % b1
+    blocks = F.pad(w.float(), (0, pi, 0, po)).view((out + po) // b0, b0, (inp + pi) // b1, b1)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-8) / FP8_E4M3_MAX
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    return q.view(out + po, inp + pi)[:out, :inp].contiguous(), scale
+
+
+def fp8_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W8 * scale_inv, block by block, as `dtype` (float32 math, rounded once)."""
+    out, inp = weight.shape
+    b0, b1 = block
+    scale = scale_inv.repeat_interleave(b0, dim=0)[:out].repeat_interleave(b1, dim=1)[:, :inp]
+    return (weight.to(torch.float32) * scale).to(dtype)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-BITS = (4, 8)  # MLX affine formats moemesh runs
-GROUP_SIZES = (32, 64, 128)
+from .formats import BITS, GROUP_SIZES
+
 
 class ConfigError(ValueError):
     """A config.json this engine cannot run; the message names the field."""
