@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 
 from .kernels.fp8 import Fp8Weight, dequantize
 from .kernels.formats import quantize
-from .model.checkpoint import FP8_DTYPE, Checkpoint, mlx_module
+from .model.checkpoint import FP8_DTYPE, Checkpoint
 from .spec.config import BITS, GROUP_SIZES, ModelArgs
-from .spec.layout import split_kv_b_shapes
+from .spec.layout import mlx_module, split_kv_b_shapes
 
 PARTS = ("attn", "shared", "experts", "dense", "embed", "head")  # what --keep can name
 KEEP_FULL = 16  # --keep-bits 16: kept parts stay in the source's float format

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 import moemesh
 from moemesh.kernels.formats import dequantize, quantize
 from moemesh.model.checkpoint import CheckpointError
-from moemesh.spec.sizes import model_sizes, weight_format
+from moemesh.spec.config import load_args
+from moemesh.spec.sizes import checkpoint_format, model_sizes, weight_format
 from moemesh.quantize import Recipe, convert
 
 try:  # mlx and mlx-lm are optional (Linux: mlx[cpu])
@@ -268,6 +269,21 @@ def test_weight_bytes_match_the_planner(hf_dir, tmp_path, fmt):
     engine = moemesh.load(path, dtype="bfloat16")
     predicted = model_sizes(engine.args, weight_format(fmt, engine.args, group_size=64)).weight_bytes
     assert abs(engine.weight_bytes / predicted - 1) <= 0.05, (engine.weight_bytes, predicted)
+
+
+@pytest.mark.parametrize("recipe", [Recipe(bits=4, group_size=64), Recipe(bits=4, group_size=32, keep=frozenset({"attn", "shared"}), keep_bits=8),
+                                    Recipe(bits=8, group_size=64, keep=frozenset({"embed", "head"}), keep_bits=16)])
+def test_live_planner_sizes_a_checkpoint_as_it_is_stored(hf_dir, tmp_path, recipe):
+    # The coordinator plans with the checkpoint's own format (config.json's `quantization`, module by module),
+    # not a bf16 guess: the prediction is what the loaded model holds.
+    convert(hf_dir, tmp_path / "q", recipe)
+    engine = moemesh.load(tmp_path / "q", dtype="bfloat16")
+    fmt = checkpoint_format(engine.args, "bfloat16")
+    assert fmt.name == f"int{recipe.bits}"
+    predicted = model_sizes(engine.args, fmt).weight_bytes
+    assert abs(engine.weight_bytes / predicted - 1) <= 0.02, (engine.weight_bytes, predicted)
+    bf16 = model_sizes(load_args(hf_dir), checkpoint_format(load_args(hf_dir), "bfloat16")).weight_bytes
+    assert predicted < 0.75 * bf16
 
 
 # ---- the referee: quantized logits against the unquantized model

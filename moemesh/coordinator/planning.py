@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..spec.config import ModelArgs
 from ..spec.routing import RoutingStats
+from ..spec.sizes import checkpoint_format
 from ..placement import Cluster, Link, Node, Plan, plan
 from ..placement.planner import evaluate, problem
 from ..placement.search import Stage
@@ -16,13 +17,6 @@ from .nodes import NodeHandle
 
 HEAD = "coordinator"  # the planner's name for this node: embeddings, final norm, lm_head, MTP
 SPLITS = ("auto", "even", "even+experts")
-
-
-def weight_quant(args: ModelArgs, dtype: str) -> str:
-    """The planner's name for how the weights sit in memory."""
-    if args.fp8_block is not None:
-        return "fp8"
-    return "fp32" if dtype == "float32" else "bf16"
 
 
 def placement_cluster(args: ModelArgs, workers: list[NodeHandle], dtype: str, context: int, mtp: bool,
@@ -34,7 +28,7 @@ def placement_cluster(args: ModelArgs, workers: list[NodeHandle], dtype: str, co
                        w.matmul_flops or 1e11) for w in workers)
     # The coordinator holds the head and nothing else: offer the planner exactly that much memory.
     probe = Cluster((Node(HEAD, 1 << 62, head_bandwidth, 1e12, head=True),) + nodes, link)
-    need = problem(args, probe, None, context, weight_quant(args, dtype), mtp=mtp).tm.head_memory()
+    need = problem(args, probe, None, context, checkpoint_format(args, dtype), mtp=mtp).tm.head_memory()
     return Cluster((Node(HEAD, need, head_bandwidth, 1e12, head=True),) + nodes, link, name="live")
 
 
@@ -50,7 +44,7 @@ def make_plan(args: ModelArgs, workers: list[NodeHandle], dtype: str, split: str
                              f"(joined: {', '.join(sorted(names))})")
         return chosen
     cluster = placement_cluster(args, workers, dtype, context, mtp, head_bandwidth)
-    quant = weight_quant(args, dtype)
+    quant = checkpoint_format(args, dtype)
     if split == "auto":
         return plan(args, cluster, stats, context=context, quant=quant, mtp=mtp)
     # An even split of the layers over the workers in join order (mlx-lm's rule); with "+experts" every

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..kernels.formats import AffineScales
 from ..spec.config import ConfigError, ModelArgs, args_from_dict, load_config
-from ..spec.layout import split_kv_b_shapes
+from ..spec.layout import EXPERT_TENSOR, mlx_module, split_kv_b_shapes
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP8_DTYPE = torch.float8_e4m3fn
@@ -96,7 +96,7 @@ class Checkpoint:
         experts of a layer as `mlp.switch_mlp.<proj>.<part>` [n_routed, ...]; expert e is row e of that."""
         if name in self.weight_map:
             return name, None
-        m = _EXPERT.match(name)
+        m = EXPERT_TENSOR.match(name)
         if m:
             stacked = f"{m['pre']}switch_mlp.{m['proj']}.{m['part']}"
             if stacked in self.weight_map:
@@ -111,9 +111,6 @@ class Checkpoint:
         if file is None:
             raise CheckpointError(f"{self.path}: checkpoint is missing tensor '{name}'")
         return file
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self._file(name)).get_slice(name).get_shape())
 
     def read_raw(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """Read one tensor of any dtype (packed uint32 weights too), checking its shape (when given) before any
@@ -221,11 +218,3 @@ class Checkpoint:
 
 
 Scales = torch.Tensor | AffineScales | None  # FP8 block scales, MLX affine scales and biases, or none
-_EXPERT = re.compile(r"(?P<pre>.+\.mlp\.)experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\."
-                     r"(?P<part>weight|scales|biases)$")
-
-
-def mlx_module(path: str) -> str:
-    """The module path mlx-lm uses for a Hugging Face module path (routed experts are stacked per layer)."""
-    m = _EXPERT.match(path + ".weight")
-    return f"{m['pre']}switch_mlp.{m['proj']}" if m else path

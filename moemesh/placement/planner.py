@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..spec.config import ModelArgs, load_args
 from ..spec.routing import RoutingStats
-from ..spec.sizes import model_sizes, weight_format
+from ..spec.sizes import WeightFormat, model_sizes, weight_format
 from ..spec.units import fmt_bytes
 from .cluster import Cluster, load_cluster
 from .cost import TimeModel
@@ -60,7 +60,7 @@ def layer_loads(args: ModelArgs, stats: RoutingStats | None) -> dict[int, list[f
 
 
 def problem(model: ModelArgs | str | Path, cluster: Cluster | str | Path, stats: RoutingStats | str | Path | None,
-            context: int, quant: str, position: int = 0, mtp: bool = True, redundancy: float = 0.1,
+            context: int, quant: str | WeightFormat, position: int = 0, mtp: bool = True, redundancy: float = 0.1,
             group_size: int = 64, quantize_embeddings: bool = True, kv_element_bytes: int = 2) -> Problem:
     args = model if isinstance(model, ModelArgs) else load_args(model)
     cluster = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
@@ -70,11 +70,12 @@ def problem(model: ModelArgs | str | Path, cluster: Cluster | str | Path, stats:
         raise ValueError(f"need 0 <= position ({position}) <= context ({context})")
     if not 0 <= redundancy <= 1:
         raise ValueError(f"redundancy must be in 0..1, got {redundancy}")
-    fmt = weight_format(quant, args, **({"group_size": group_size, "quantize_embeddings": quantize_embeddings}
-                                        if quant in ("int4", "int8") else {}))
+    fmt = quant if isinstance(quant, WeightFormat) else weight_format(
+        quant, args, **({"group_size": group_size, "quantize_embeddings": quantize_embeddings}
+                        if quant in ("int4", "int8") else {}))
     sizes = model_sizes(args, fmt, mtp=mtp, kv_element_bytes=kv_element_bytes)
     return Problem(args, cluster, TimeModel.build(args, sizes, context, position), layer_loads(args, stats),
-                   redundancy, quant)
+                   redundancy, fmt.name)
 
 
 def plan(model: ModelArgs | str | Path, cluster: Cluster | str | Path, stats: RoutingStats | str | Path | None = None,

@@ -6,9 +6,14 @@ counts bytes with them. Linear weights are [out_features, in_features].
 
 from __future__ import annotations
 
+import re
+
 from .config import ModelArgs
 
 Shape = tuple[int, ...]
+# A routed expert's tensor by its Hugging Face name (mlx-lm stacks each layer's experts as `switch_mlp`).
+EXPERT_TENSOR = re.compile(r"(?P<pre>.+\.mlp\.)experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\."
+                           r"(?P<part>weight|scales|biases)$")
 
 
 def attention_shapes(a: ModelArgs) -> dict[str, Shape]:
@@ -93,3 +98,10 @@ def head_shapes(a: ModelArgs) -> dict[str, Shape]:
     if not a.tie_word_embeddings:
         shapes["lm_head.weight"] = (a.vocab_size, a.hidden_size)
     return shapes
+
+
+def mlx_module(path: str) -> str:
+    """The module path mlx-lm uses for a Hugging Face module path (routed experts are stacked per layer): the
+    key of config.json's per-module `quantization` entries."""
+    m = EXPERT_TENSOR.match(path + ".weight")
+    return f"{m['pre']}switch_mlp.{m['proj']}" if m else path

@@ -21,13 +21,14 @@ and `unembed_out` [heads, v, kv_lora].
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import reduce
 from operator import mul
 
-from .config import ModelArgs
-from .layout import (Shape, attention_shapes, head_shapes, mlp_shapes, mtp_head_shapes, router_shapes,
-                            split_kv_b_shapes)
+from .config import AffineQuant, ModelArgs
+from .formats import FP8_BLOCK
+from .layout import (Shape, attention_shapes, head_shapes, layer_prefix, mlp_shapes, mlx_module, mtp_head_shapes,
+                     router_shapes, split_kv_b_shapes)
 
 QUANTS = ("bf16", "fp8", "int4", "int8", "fp32")  # fp32: bf16 checkpoints run in float32
 ACTIVATION_BYTES = 2  # hidden states travel between nodes in bf16
@@ -38,7 +39,10 @@ class WeightFormat:
     name: str  # one of QUANTS
     group_size: int = 64  # int4/int8: elements sharing one scale and bias
     quantize_embeddings: bool = True  # int4/int8: mlx-lm quantizes nn.Embedding and lm_head too
-    fp8_block: tuple[int, int] = (128, 128)
+    fp8_block: tuple[int, int] = FP8_BLOCK
+    # An affine checkpoint's own record (config.json `quantization`): bits and group size per module, or None
+    # for modules it leaves unquantized. Without it, every linear weight takes name/group_size.
+    affine: AffineQuant | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.name not in QUANTS:
@@ -50,24 +54,41 @@ class WeightFormat:
     def bits(self) -> int:
         return {"bf16": 16, "fp8": 8, "int4": 4, "int8": 8, "fp32": 32}[self.name]
 
-    def linear_bytes(self, shape: Shape) -> int:
+    def linear_bytes(self, shape: Shape, module: str = "") -> int:
+        """A linear weight [out, in]; `module` (its Hugging Face path) picks the affine record's entry."""
         out, inp = shape
         if self.name in ("bf16", "fp32"):
             return self.bits // 8 * out * inp
         if self.name == "fp8":
             bo, bi = self.fp8_block
             return out * inp + 4 * math.ceil(out / bo) * math.ceil(inp / bi)
-        if inp % self.group_size:
+        bits, group = self.bits, self.group_size
+        if self.affine is not None:
+            entry = self.affine.for_module(mlx_module(module))
+            if entry is None:
+                return 2 * out * inp
+            bits, group = entry
+        if inp % group:
             return 2 * out * inp
-        return out * inp * self.bits // 8 + out * inp // self.group_size * 2 * 2  # bf16 scale + bias per group
+        return out * inp * bits // 8 + out * inp // group * 2 * 2  # bf16 scale + bias per group
 
-    def embedding_bytes(self, shape: Shape) -> int:
-        if self.name in ("int4", "int8") and self.quantize_embeddings:
-            return self.linear_bytes(shape)
+    def embedding_bytes(self, shape: Shape, module: str = "") -> int:
+        if self.name in ("int4", "int8") and (self.quantize_embeddings or self.affine is not None):
+            return self.linear_bytes(shape, module)
         return (4 if self.name == "fp32" else 2) * shape[0] * shape[1]
 
     def router_bytes(self, shape: Shape) -> int:
         return 4 * shape[0] * shape[1]  # the runtime holds the router in float32 whatever the checkpoint has
+
+
+def checkpoint_format(args: ModelArgs, dtype: str = "bfloat16") -> WeightFormat:
+    """How a checkpoint's weights sit in memory when loaded in `dtype`: its affine bits per module, its FP8
+    blocks, or the compute dtype."""
+    if args.affine is not None:
+        return WeightFormat(f"int{args.affine.bits}", group_size=args.affine.group_size, affine=args.affine)
+    if args.fp8_block is not None:
+        return WeightFormat("fp8", fp8_block=args.fp8_block)
+    return WeightFormat("fp32" if dtype == "float32" else "bf16")
 
 
 def weight_format(quant: str, args: ModelArgs | None = None, **kwargs) -> WeightFormat:
@@ -86,17 +107,18 @@ def tensor_bytes(name: str, shape: Shape, fmt: WeightFormat) -> int:
         return 4 * _numel(shape)
     if len(shape) == 1:
         return (4 if fmt.name == "fp32" else 2) * shape[0]
+    module = name.removesuffix(".weight")
     if name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight"):
-        return fmt.embedding_bytes(shape)
+        return fmt.embedding_bytes(shape, module)
     if name.endswith("mlp.gate.weight") or name == "gate.weight":
         return fmt.router_bytes(shape)
     if name.endswith("kv_b_proj.weight"):  # split per head for absorbed MLA, in the compute dtype
         return (4 if fmt.name == "fp32" else 2) * _numel(shape)
-    return fmt.linear_bytes(shape)
+    return fmt.linear_bytes(shape, module)
 
 
-def _bytes(shapes: dict[str, Shape], fmt: WeightFormat) -> int:
-    return sum(tensor_bytes(n, s, fmt) for n, s in shapes.items())
+def _bytes(shapes: dict[str, Shape], fmt: WeightFormat, prefix: str = "") -> int:
+    return sum(tensor_bytes(prefix + n, s, fmt) for n, s in shapes.items())
 
 
 def _matmul_params(shapes: dict[str, Shape]) -> int:
@@ -154,6 +176,7 @@ def _kv_b_held_packed(a: ModelArgs, fmt: WeightFormat) -> bool:
 
 
 def _layer_parts(a: ModelArgs, layer: int, fmt: WeightFormat) -> LayerSize:
+    p = layer_prefix(layer)
     dense = {"input_layernorm.weight": (a.hidden_size,), "post_attention_layernorm.weight": (a.hidden_size,)}
     attention = attention_shapes(a)
     if _kv_b_held_packed(a, fmt):  # split per head, each half's heads stacked
@@ -163,14 +186,14 @@ def _layer_parts(a: ModelArgs, layer: int, fmt: WeightFormat) -> LayerSize:
     moe = a.is_moe_layer(layer)
     if not moe:
         dense |= {"mlp." + k: v for k, v in mlp_shapes(a.hidden_size, a.intermediate_size).items()}
-        return LayerSize(layer, False, _bytes(dense, fmt), _matmul_params(dense), 0, 0, 0)
+        return LayerSize(layer, False, _bytes(dense, fmt, p), _matmul_params(dense), 0, 0, 0)
     dense |= {"mlp.gate." + k: v for k, v in router_shapes(a).items()}
     if a.n_shared_experts:
         shared = mlp_shapes(a.hidden_size, a.moe_intermediate_size * a.n_shared_experts)
         dense |= {"mlp.shared_experts." + k: v for k, v in shared.items()}
     expert = {"mlp.experts.0." + k: v for k, v in mlp_shapes(a.hidden_size, a.moe_intermediate_size).items()}
-    return LayerSize(layer, True, _bytes(dense, fmt), _matmul_params(dense),
-                     _bytes(expert, fmt), _matmul_params(expert), a.n_routed_experts)
+    return LayerSize(layer, True, _bytes(dense, fmt, p), _matmul_params(dense),
+                     _bytes(expert, fmt, p), _matmul_params(expert), a.n_routed_experts)
 
 
 def model_sizes(a: ModelArgs, fmt: WeightFormat, mtp: bool = True, kv_element_bytes: int = 2) -> ModelSizes:
@@ -180,11 +203,13 @@ def model_sizes(a: ModelArgs, fmt: WeightFormat, mtp: bool = True, kv_element_by
     embed = head["model.embed_tokens.weight"]
     # Tied embeddings: lm_head is the embedding matrix, read whole per token.
     lm_head = head.get("lm_head.weight", embed)
-    head_read = fmt.embedding_bytes(lm_head) + 2 * a.hidden_size + fmt.embedding_bytes(embed) // a.vocab_size
+    lm_head_name = "lm_head" if "lm_head.weight" in head else "model.embed_tokens"
+    head_read = (fmt.embedding_bytes(lm_head, lm_head_name) + 2 * a.hidden_size
+                 + fmt.embedding_bytes(embed, "model.embed_tokens") // a.vocab_size)
     mtp_bytes = 0
     mtp_layers = a.mtp_layers if mtp else range(0)
     for layer in mtp_layers:
-        mtp_bytes += _bytes(mtp_head_shapes(a), fmt) + _layer_parts(a, layer, fmt).held_bytes
+        mtp_bytes += _bytes(mtp_head_shapes(a), fmt, layer_prefix(layer)) + _layer_parts(a, layer, fmt).held_bytes
     return ModelSizes(
         fmt=fmt,
         layers=layers,
