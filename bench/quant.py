@@ -3,7 +3,7 @@ weight bytes in memory (and the resident memory loading and decoding added — t
 plus all new anonymous memory — against the checkpoint's bytes), decode
 matmul throughput on a 4096x4096 weight, model decode tokens/s, and top-1 / KL of the logits against bf16.
 Writes bench/results/quant.json and prints ratios against bf16: decode speed against bf16 is the median over
-rounds of each round's own ratio, since this machine's bandwidth drifts between rounds.
+rounds of each round's own ratio, since a machine's memory bandwidth can drift between rounds.
 
     python bench/quant.py [--threads 2] [--tokens 64] [--rounds 3] [--config v3-shaped|small]
 
@@ -224,7 +224,7 @@ def main() -> None:
         paths = checkpoints(root, CONFIGS[a.config])
         reference = root / "bf16_logits.npy"
         results, rates = {}, {fmt: [] for fmt in FORMATS}
-        for round in range(a.rounds):  # formats interleaved: this machine's bandwidth drifts over minutes
+        for round in range(a.rounds):  # formats interleaved: memory bandwidth can drift over minutes
             for fmt in FORMATS:
                 run = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--tokens", str(a.tokens),
                                       "--measure", fmt, str(paths[fmt]), str(reference)],

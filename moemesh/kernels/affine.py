@@ -1,10 +1,11 @@
-"""MLX affine int4/int8 weights (see `moemesh/model/affine.py` for the format) on the torch backend.
+"""MLX affine int4/int8 weights (docs/formats.md; packing and quantizing in `formats.py`) on the torch backend.
 
 They stay packed in memory. Decode steps run our C++ kernel (csrc/quant.cpp), which multiplies the
 packed values directly; everything else dequantizes a band of rows at a time and calls torch's matmul,
 so no full-size float copy of the weight ever exists. Where that kernel runs, the torch backend holds
 the weights in a lane-major order (`to_lanes`): the same words, transposed within each span of 16 groups,
-which the kernel multiplies with ~20% less work; `words` gives them back in MLX order.
+so that the kernel applies a span's 16 scales once instead of permuting them per chunk; `words` gives them
+back in MLX order.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ class AffineWeight:
 
 
 def _transpose_spans(words: torch.Tensor, bits: int, group_size: int, to_lanes: bool) -> torch.Tensor:
-    """The lane-major layout (csrc/quant.h): the weight's groups, row after row, cut into spans of 16; in each
-    span the 32-bit words held as [16 groups, words per group] in MLX's order are held transposed, so that the
-    16 words of every 64-byte chunk (one fp32 lane each) come one from each group. A span may cross rows."""
+    """The lane-major layout (docs/formats.md, csrc/quant.h): the weight's groups, row after row, cut into spans
+    of 16; in each span the 32-bit words held as [16 groups, words per group] in MLX's order are held transposed,
+    so that the 16 words of every 64-byte chunk (one fp32 lane each) come one from each group. A span may cross
+    rows."""
     per_group = group_size * bits // 32
     spans = words.contiguous().view(-1, 16, per_group) if to_lanes else words.contiguous().view(-1, per_group, 16)
     return spans.transpose(1, 2).contiguous().view(words.shape)

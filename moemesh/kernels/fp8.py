@@ -1,4 +1,4 @@
-"""FP8 e4m3 weights with block scales (the official DeepSeek-V3 checkpoint format; see `formats.py`), kept
+"""FP8 e4m3 weights with block scales (the official DeepSeek-V3 checkpoint format; docs/formats.md), kept
 FP8 in memory. No full-size copy of the weight ever exists: on CPU, decode
 steps run csrc/quant.cpp's kernel on the FP8 bytes; otherwise the matmul dequantizes a band of rows at a
 time (here, or in that kernel), or runs torch's blockwise-scaled FP8 matmul on Hopper GPUs.
@@ -83,8 +83,8 @@ def scaled_mm_supported(x: torch.Tensor, w: Fp8Weight) -> bool:
 
 def scaled_mm_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
     """x @ W.T on the GPU's FP8 tensor cores: the activations are quantized to e4m3 per token and 128
-    columns (DeepSeek-V3's own inference recipe); the weight is used as stored. Untested here (no GPU on
-    the development machines): tests/test_quant_kernels.py checks it wherever such a GPU is present."""
+    columns (DeepSeek-V3's own inference recipe); the weight is used as stored.
+    tests/test_quant_kernels.py checks it wherever such a GPU is present."""
     from torch.nn.functional import ScalingType, SwizzleType, scaled_mm
 
     n, k = x.shape

@@ -37,9 +37,9 @@ def page_out(t: torch.Tensor) -> None:
 class HugePageArena:
     """Tensors for load-time weight copies, cut in order from 64 MB chunks that ask the kernel for 2 MB pages
     (MADV_HUGEPAGE; transparent huge pages in "madvise" mode, the usual default, grant them). A decode step
-    streams every held weight, and with 4 KB pages each 4 KB costs a TLB miss: int4 decode ran 8% faster
-    (median of 8 paired runs) with its lane-major words in 2 MB pages, bf16 1.5%. A chunk's memory lives as
-    long as any tensor cut from it; pages never touched are never resident."""
+    streams every held weight, and with 4 KB pages each 4 KB costs a TLB miss (in a virtual machine, a
+    two-level page walk). A chunk's memory lives as long as any tensor cut from it; pages never touched are
+    never resident."""
 
     CHUNK = 64 << 20
 

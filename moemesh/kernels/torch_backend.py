@@ -104,8 +104,8 @@ class TorchBackend:
 
     # ---- weights: checkpoint tensors (CPU) -> this backend's resident form
     # Where the CPU kernels run, every weight they stream is copied into 2 MB pages (kernels/memory.py) and the
-    # checkpoint pages it came from are let go: decode ran 8-15% faster here than from the mapped file's 4 KB
-    # pages, whose TLB misses cost most in a virtual machine. Elsewhere weights stay as read (mapped).
+    # checkpoint pages it came from are let go: decode streams every weight, and the mapped file's 4 KB pages
+    # cost a TLB miss per 4 KB, most of all in a virtual machine. Elsewhere weights stay as read (mapped).
     def linear_weight(self, weight: torch.Tensor, scales: torch.Tensor | AffineScales | None, heads: int = 1) -> Weight:
         """Dense weights take the compute dtype; FP8 weights stay FP8 with their block scales; MLX affine
         weights stay packed, their scales and biases in the compute dtype — for the CPU kernels, in their
@@ -159,8 +159,8 @@ class TorchBackend:
         """Split kv_b_proj [heads*(nope+v), kv_lora] into per-head linear weights ([out, in], like every
         weight here): W_UK^T [heads, kv_lora, nope] takes a query to the latent space, W_UV [heads, v, kv_lora]
         takes an attended latent to values. The key half must be transposed: FP8 stays FP8 where its blocks
-        allow (`fp8.split_kv_b`), anything else takes the compute dtype (~0.15% of a DeepSeek-V3 layer). Checkpoints
-        that store the halves split (mlx-lm's) are held as stored: see `absorbed_heads`."""
+        allow (`fp8.split_kv_b`), anything else takes the compute dtype (~0.15% of a DeepSeek-V3 layer's
+        bytes). Checkpoints that store the halves split (mlx-lm's) are held as stored: see `absorbed_heads`."""
         a = self.args
         h, nope, v, kv_lora = a.num_attention_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
         split = split_kv_b(Fp8Weight(weight, scales, a.fp8_block), h, nope, v) if isinstance(scales, torch.Tensor) else None
@@ -239,7 +239,7 @@ class TorchBackend:
     def embed(self, table: torch.Tensor | AffineWeight, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(table, AffineWeight):  # mlx-lm quantizes the embedding too
             args = kernel_args(table) if self.kernels is not None and ids.numel() <= DECODE_TOKENS else None
-            if args is not None:  # a decode step's few rows, dequantized in C++ (torch's ops cost ~40 us)
+            if args is not None:  # a decode step's few rows, dequantized in C++ (cheaper than torch's ops)
                 return torch.cat([self.kernels.dequantize_q(args, i, i + 1) for i in ids.tolist()])
             return affine_embed(table, ids, self.dtype)
         return F.embedding(ids, table)

@@ -1,7 +1,7 @@
 // Shared pieces of the CPU kernels: bf16 <-> float, and the few-token matmul y[M, N] = x[M, K] @ W[N, K]^T
 // that reads each weight row once per pass of up to 4 tokens. Decoding is bound by the bytes of weight
-// read; torch's bf16 matrix-vector product reaches about half of this machine's read bandwidth and
-// these loops most of it. Compiled with -march=native at first use (see ../cpu_ext.py).
+// read, so these loops are built to stream the weights at the machine's read bandwidth, which torch's bf16
+// matrix-vector product falls short of. Compiled with -march=native at first use (see ../cpu_ext.py).
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

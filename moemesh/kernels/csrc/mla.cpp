@@ -63,7 +63,7 @@ constexpr int64_t VALUE_HEADS = 8;  // heads per attention_values tile; its p ha
 // o[h, c] = sum_s p[h, s] * kv[s, c] for c < C (the latent part of each row), in fp32: tiles of 8 heads x 32
 // columns kept in registers (16 accumulators) while the rows stream by, so each row's bf16 -> fp32 conversion
 // serves 8 heads. p has rows for H rounded up to 8 heads (the extra ones zero). This is attention's one fp32
-// product, H x S x C multiply-adds per token: at long contexts most of the MLA's own time.
+// product, H x S x C multiply-adds per token, growing with the context.
 inline void attention_values(const float* p, const at::BFloat16* kv, int64_t H, int64_t S, int64_t W, int64_t C,
                              float* o) {
   constexpr int64_t HB = VALUE_HEADS, CB = 32;
@@ -106,8 +106,8 @@ inline void attention_values(const float* p, const at::BFloat16* kv, int64_t H, 
   });
 }
 
-// In place, fp32: scores -> e^(s - max) / sum, one head's row. H x S exponentials per token: with a scalar
-// exp on one thread this was a large share of long-context attention.
+// In place, fp32: scores -> e^(s - max) / sum, one head's row. H x S exponentials per token, growing with the
+// context: vectorized here, and split over heads by the caller.
 inline void softmax(float* sc, int64_t S) {
 #if defined(__AVX512F__)
   auto mask = [S](int64_t i) { return S - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - i)) - 1); };

@@ -1,7 +1,7 @@
 // SwiGLU MLPs and MoE layers for a few bf16 tokens, weights in any of quant.h's formats (formats may mix).
 // Every expert of a step (routed and shared) shares two parallel passes — all gate and up rows, then all
 // down rows — rather than two each: decode touches a few small experts per layer, and each parallel
-// region costs a few microseconds.
+// region has a fixed cost of its own.
 #include "moe.h"
 
 #include <memory>
@@ -9,8 +9,8 @@
 namespace moemesh {
 namespace {
 
-// Rows per work item: long runs of consecutive rows keep the prefetchers ahead (64-row items decode ~10%
-// slower), and a layer of 9 experts still makes dozens of items for the threads to share.
+// Rows per work item: long runs of consecutive rows keep the prefetchers ahead, which short items (64 rows)
+// interrupt, and a layer of 9 experts still makes dozens of items for the threads to share.
 constexpr int64_t MOE_GRAIN = 256;
 
 struct Expert {
@@ -63,8 +63,8 @@ torch::Tensor run(const torch::Tensor& x, std::vector<Expert>& experts) {
   const int64_t D = x.size(1), n = x.size(0);
   std::vector<Arrangement> arrangements;
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  // Gathered inputs and the outputs of every expert, in scratch kept between calls: fresh zeroed buffers per expert
-  // cost ~10 us a layer. An expert that sees every token in order (a one-token step's) reads x where it is.
+  // Gathered inputs and the outputs of every expert, in scratch kept between calls rather than fresh zeroed
+  // buffers per expert. An expert that sees every token in order (a one-token step's) reads x where it is.
   thread_local std::vector<at::BFloat16> scratch;
   auto in_order = [n](const Expert& e) {
     if (static_cast<int64_t>(e.rows.size()) != n) return false;

@@ -8,8 +8,8 @@ namespace moemesh {
 
 // A MoE layer's weights as the kernels read them, made once per layer: views of the experts held here and of
 // the shared expert. A decode step then passes three tensors rather than three weight tuples per chosen
-// expert, whose Python objects were walked every step, each time cold in cache after the layer's weights had
-// streamed through it (~0.1 ms per int4 layer here).
+// expert, whose Python objects would be walked every step, each time cold in cache after the layer's weights
+// have streamed through it.
 class MoeLayer {
  public:
   MoeLayer(std::vector<int64_t> ids, std::vector<QArgs> gates, std::vector<QArgs> ups, std::vector<QArgs> downs,

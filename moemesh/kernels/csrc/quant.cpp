@@ -9,7 +9,8 @@
 //     sum (128 + q) x, and the group's 128 * sum(x) is taken off afterwards with the bias term:
 //     y = sum_g s_g (D_g - 128 X_g) + b_g X_g, D_g the dot product, X_g the group's sum of x.
 //     int8 splits each byte into two nibbles (the high one against 16 x): one code path for both.
-//     The kernel reads them in the lane-major layout (quant.h), which the torch backend holds them in.
+//     The kernel reads them in the lane-major layout (quant.h, docs/formats.md), which the torch backend
+//     holds them in.
 // Elsewhere (no AVX512-BF16, for FP8 no AVX512-VBMI, or affine weights in MLX's own byte order) rows are
 // dequantized to fp32 one at a time: correct, slower.
 #include "quant.h"
@@ -326,8 +327,8 @@ void spans_affine(const QLinear& w, const Acts& xs, int64_t m0, at::BFloat16* y,
   const auto* biases = reinterpret_cast<const uint16_t*>(w.biases);
   __m512 row_acc[M];
   for (int m = 0; m < M; ++m) row_acc[m] = _mm512_setzero_ps();
-  // Walked without divisions (one per span cost as much as its arithmetic): the current row, its groups not yet
-  // added, and the pattern of span s0.
+  // Walked without divisions (one per span would cost as much as the span's arithmetic): the current row, its
+  // groups not yet added, and the pattern of span s0.
   int64_t row = row_begin, left = G, p0 = first % P;
   const bool whole_rows = 16 % G == 0;  // spans of 16 / G rows each
   const __m512i lane_ids = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);

@@ -1,5 +1,5 @@
 // Weights in any of the kernels' formats (bf16, FP8 blocks, MLX affine int4/int8) and the few-token matmul
-// over them (quant.cpp); moe.cpp builds the MLP and MoE layers on it.
+// over them (quant.cpp); moe.cpp builds the MLP and MoE layers on it. The formats, byte by byte: docs/formats.md.
 #pragma once
 #include "common.h"
 
@@ -8,7 +8,8 @@
 namespace moemesh {
 
 // As Python passes it; the _LANES kinds are INT4/INT8 in the lane-major layout (QLinear::lanes, below). The
-// values come from moemesh/spec/formats.py's `Kind`, given as -D flags by the build (cpu_ext.py).
+// values come from moemesh/spec/formats.py's `Kind`, given as -D flags by the build (cpu_ext.py); see
+// docs/formats.md, "Kernel kind codes".
 enum Kind : int64_t {
   KIND_BF16 = MOEMESH_KIND_BF16,
   KIND_FP8 = MOEMESH_KIND_FP8,
@@ -48,14 +49,13 @@ struct QLinear {
   int64_t patterns() const { return groups() / std::gcd<int64_t>(groups(), 16); }
 };
 
-// The lane-major layout of an affine weight, which the torch backend holds it in (kernels/affine.py `to_lanes`):
-// the weight's groups, read row after row, are cut into spans of 16, and within each span the 32-bit words —
-// [16 groups][group_bytes / 4] in MLX's order — are stored transposed, [group_bytes / 4][16]. So word l of
-// every 64-byte chunk of a span (fp32 lane l, u16 lanes 2l and 2l + 1) holds bytes of the span's group l only,
-// chunk p holding its bytes 4p..4p+3. The decode kernel then accumulates a whole span's products per lane and
-// applies its 16 scales once, at the span's end (~20% less compute per weight than permuting scales per chunk).
-// A span may hold the end of one row and the start of the next, or several short rows (W_UK's 128 inputs are 2
-// groups of 64): rows * groups must be a multiple of 16. Byte b of the weight (rows back to back) sits at:
+// The lane-major layout of an affine weight (specified in docs/formats.md, "Lane-major layout"; made by
+// kernels/affine.py `to_lanes`): its groups, row after row, in spans of 16, each span's 32-bit words transposed
+// from [16 groups][group_bytes / 4] to [group_bytes / 4][16]. Word l of every 64-byte chunk of a span (fp32 lane
+// l, u16 lanes 2l and 2l + 1) then holds bytes of the span's group l only, so the decode kernel accumulates a
+// span's products per lane and applies its 16 scales once, at the span's end, instead of permuting them per
+// chunk. Spans may cross rows: rows * groups must be a multiple of 16. Byte b of the weight (MLX order, rows
+// back to back) sits at:
 inline int64_t lanes_offset(int64_t b, int64_t group_bytes) {
   const int64_t span = b / (16 * group_bytes), in_span = b % (16 * group_bytes);
   const int64_t group = in_span / group_bytes, word = in_span % group_bytes / 4;
