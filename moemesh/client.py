@@ -9,7 +9,7 @@ import grpc
 import torch
 
 from .spec.config import args_from_dict
-from .model.generate import GenerationStats
+from .model.generate import GenerationStats, token_rows
 from .spec.routing import RoutingStats
 from .model.tokenizer import Tokenizer
 from .transport import moemesh_pb2 as pb
@@ -18,8 +18,12 @@ from .transport.wire import GRPC_OPTIONS, tensor_from
 
 
 class ClusterModel:
+    """`timeout`: seconds to wait for the coordinator to answer, and for the cluster to be ready to serve
+    each request (past it, the request fails saying what the cluster waits for)."""
+
     def __init__(self, target: str, timeout: float = 30.0):
         self.target = target
+        self.timeout = timeout
         self.channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
         self.stub = rpc.CoordinatorStub(self.channel)
         try:
@@ -35,10 +39,9 @@ class ClusterModel:
 
     def logits(self, batch) -> torch.Tensor:
         """Full-sequence logits [batch, T, vocab] (float32) for equal-length token sequences."""
-        rows = [list(map(int, r)) for r in (batch.tolist() if hasattr(batch, "tolist") else batch)]
-        if not rows or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
-            raise ValueError("logits() takes a non-empty batch of equal-length, non-empty token sequences")
-        reply = self._call(self.stub.Logits, pb.LogitsRequest(tokens=[t for r in rows for t in r], batch=len(rows)))
+        rows = token_rows(batch, self.args.vocab_size, self.args.max_position_embeddings)
+        reply = self._call(self.stub.Logits, pb.LogitsRequest(tokens=[t for r in rows for t in r], batch=len(rows),
+                                                              ready_timeout_s=self.timeout))
         return tensor_from(reply.logits)
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -47,7 +50,7 @@ class ClusterModel:
         sampling = pb.Sampling(temperature=temperature, top_p=top_p, top_k=top_k, has_seed=seed is not None,
                                seed=seed or 0)
         request = pb.GenerateRequest(prompt=[int(t) for t in prompt_ids], max_new_tokens=max_new_tokens,
-                                     sampling=sampling, stop=stop or [])
+                                     sampling=sampling, stop=stop or [], ready_timeout_s=self.timeout)
         self.last_stats = GenerationStats()
         try:
             for reply in self.stub.Generate(request):

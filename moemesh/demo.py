@@ -10,9 +10,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from .spec.config import args_from_dict
 from .spec.layout import block_shapes, head_shapes, layer_prefix, mtp_head_shapes
 
@@ -99,6 +96,9 @@ def _tokenizer(vocab_size: int) -> tuple[object, dict]:
 def write_random_checkpoint(path: Path, config: dict, seed: int = 0, shards: int = 2) -> Path:
     """A checkpoint of `config` with random weights (normal, std 0.02; unit norms; float32 router), written
     as `shards` safetensors files plus an index, with the demo tokenizer when the vocabulary fits."""
+    import torch  # here, not at the top: finding the built checkpoint (`moemesh demo`) needs no torch
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     args = args_from_dict(config)
     gen = torch.Generator().manual_seed(seed)

@@ -1,6 +1,7 @@
 """A cluster on this machine: a coordinator and workers as separate processes, started with the same
 commands a user types, for `moemesh demo`, the benchmarks and the tests. Wait until it serves, then tear
-everything down. Traffic stays on `host` (127.0.0.1 unless a test's own network namespaces)."""
+everything down. Traffic stays on `host` (127.0.0.1 unless a test's own network namespaces). The processes
+stop when the launcher is gone, even if it dies without tearing them down."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .client import ClusterModel
+from .process import LIFELINE_FD, parent_death_signal
+
+if TYPE_CHECKING:
+    from .client import ClusterModel
 
 
 def free_port() -> int:
@@ -31,6 +36,11 @@ class LocalCluster:
         # Idle OpenMP threads spin ~300k iterations before sleeping (libgomp's default): fine for one process
         # per machine, but processes sharing cores then steal them from each other on every step.
         self.env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "GOMP_SPINCOUNT": "10000"}
+        # The children must not outlive this process: on Linux the kernel sends them SIGTERM when the thread that
+        # started them exits (so start them from one that lives as long as the cluster); everywhere, each watches
+        # a pipe whose write end only this process holds (moemesh.process.stop_on_signals).
+        self._lifeline, self._lifeline_w = os.pipe()
+        self._preexec = parent_death_signal()
         mdns_args = ["--mdns-interface", host] if mdns else ["--no-mdns"]
         self.start("coordinator", [*prefix, sys.executable, "-m", "moemesh.cli", "coordinator", "start", "--model",
                                    str(model), "--host", host, "--port", str(self.port), "--expect", str(workers),
@@ -46,7 +56,9 @@ class LocalCluster:
     def start(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "w")
         self.logs.append(log)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or self.env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=(env or self.env) | {LIFELINE_FD: str(self._lifeline)}, pass_fds=(self._lifeline,),
+                                preexec_fn=self._preexec)
         self.procs[name] = proc
         return proc
 
@@ -60,22 +72,35 @@ class LocalCluster:
 
     def wait_ready(self, timeout: float = 300.0, nodes: int | None = None) -> ClusterModel:
         """Wait until the coordinator serves (and, with `nodes`, has that many serving workers)."""
+        from .client import ClusterModel  # torch: imported while the processes start, not before
+
         deadline = time.monotonic() + timeout
         model = None
         while time.monotonic() < deadline:
             if self.procs["coordinator"].poll() is not None:
                 raise RuntimeError("the coordinator exited:\n" + self.log("coordinator"))
             try:
-                model = model or ClusterModel(self.target, timeout=5)
-                status = model.status()
-                serving = [n for n in status.nodes if n.state == "serving"]
-                if status.state == "ready" and (nodes is None or len(serving) == nodes):
-                    return model
+                if model is None and self._listening():
+                    model = ClusterModel(self.target, timeout=5)
+                if model is not None:
+                    status = model.status()
+                    serving = [n for n in status.nodes if n.state == "serving"]
+                    if status.state == "ready" and (nodes is None or len(serving) == nodes):
+                        return model
             except (ConnectionError, RuntimeError):
                 pass
-            time.sleep(0.3)
+            time.sleep(0.1)
         raise TimeoutError("the cluster did not become ready:\n" + "\n".join(
             f"--- {n}\n{self.log(n)}" for n in self.procs))
+
+    def _listening(self) -> bool:
+        """Whether the coordinator accepts connections yet. Asked before gRPC is: a gRPC connection refused once
+        waits a second or more before it tries again."""
+        try:
+            socket.create_connection((self.host, self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
     def kill(self, name: str) -> None:
         os.killpg(self.procs[name].pid, signal.SIGKILL)
@@ -94,3 +119,5 @@ class LocalCluster:
                 proc.wait(5)
         for log in self.logs:
             log.close()
+        os.close(self._lifeline)
+        os.close(self._lifeline_w)

@@ -1,10 +1,13 @@
 """A coordinator and workers as real processes on 127.0.0.1: greedy output equals one machine's, token
 for token, for pipeline-only and pipeline + expert-sharded placements, with concurrent requests; a
-worker lost mid-generation is re-planned around; version skew is refused; weights can be streamed."""
+worker lost mid-generation is re-planned around; version skew is refused; weights can be streamed; a
+request to a cluster that is not ready fails in time, saying what it waits for; hop latency holds
+across machines whose clocks differ."""
 
 import concurrent.futures as cf
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -12,7 +15,10 @@ from moemesh.launch import LocalCluster
 from hf_reference import build_checkpoint, make_config
 
 import moemesh
+from moemesh.coordinator.ring import StepTimes, link_s
 from moemesh.quantize import Recipe, convert
+from moemesh.transport import moemesh_pb2 as pb
+from moemesh.transport.wire import PROTOCOL_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +63,9 @@ def test_three_workers_match_one_machine(checkpoint, single, tmp_path, split):
         assert sorted(stats.layers) == [1, 2, 3]
         assert len({sum(c) for c in stats.layers.values()}) == 1 and sum(stats.layers[1]) % 2 == 0
         status = model.status()
-        assert status.hop_ms_median > 0 and {n.info.name for n in status.nodes} == {"w1", "w2", "w3"}
+        assert {n.info.name for n in status.nodes} == {"w1", "w2", "w3"}
+        assert 0 < status.hop_ms_median <= status.hop_ms_p99 < status.step_ms_median
+        assert all(0 < n.busy_ms < status.step_ms_median for n in status.nodes)
         assert "joined from 127.0.0.1" in cluster.log("coordinator")
     finally:
         cluster.close()
@@ -95,7 +103,7 @@ def test_version_skew_is_refused_with_both_versions(checkpoint, tmp_path):
                                     env=cluster.env | {"MOEMESH_PROTOCOL_VERSION": "99"})
         assert skewed.wait(60) == 1
         for log in (cluster.log("old"), cluster.log("coordinator")):
-            assert "protocol 99" in log and "protocol 1" in log, log
+            assert "protocol 99" in log and f"protocol {PROTOCOL_VERSION}" in log, log
     finally:
         cluster.close()
 
@@ -126,3 +134,37 @@ def test_workers_found_by_mdns_on_loopback(checkpoint, single, tmp_path):
         assert "looking for a coordinator" in cluster.log("w1")
     finally:
         cluster.close()
+
+
+def test_request_to_a_cluster_not_ready_fails_in_time_saying_why(checkpoint, tmp_path):
+    cluster = LocalCluster(checkpoint, 0, tmp_path, ["--expect", "2", "--dtype", "float32"])
+    try:
+        moemesh.connect(cluster.target, timeout=120).close()  # the coordinator is up (no worker will join)
+        with moemesh.connect(cluster.target, timeout=2) as model:
+            for call in (lambda: model.generate([1, 2, 3], max_new_tokens=2), lambda: model.logits([[1, 2, 3]])):
+                t0 = time.monotonic()
+                waiting = r"not ready after 2 s: waiting for workers \(0 of 2 expected joined\)"
+                with pytest.raises(RuntimeError, match=waiting):
+                    call()
+                assert 2 <= time.monotonic() - t0 < 10
+            with pytest.raises(ValueError, match="the prompt is empty"):  # a bad request needs no cluster
+                model.generate([], max_new_tokens=2)
+            status = model.status()
+            assert status.state == "waiting" and status.waiting_for == "waiting for workers (0 of 2 expected joined)"
+    finally:
+        cluster.close()
+
+
+def test_hop_latency_compares_no_two_clocks():
+    """Each node reports only how long it held a step (its own clock); the links share the rest of the round trip
+    timed on the coordinator. A node whose wall clock is hours off changes nothing: no wall clock is sent."""
+    assert {f.name for f in pb.Hop.DESCRIPTOR.fields} == {"node_id", "busy_s"}
+    assert link_s(0.010, [0.003, 0.002, 0.004]) == pytest.approx(0.00025)  # (10 - 9) ms over 4 hops
+    assert link_s(0.004, [0.003, 0.002]) == 0.0  # timer noise never gives a negative link
+    times = StepTimes()
+    for step in range(100):
+        busy = [0.003, 0.002 + step * 1e-5, 0.004]
+        times.record(sum(busy) + 4 * 0.0005, [pb.Hop(node_id=f"w{i}", busy_s=b) for i, b in enumerate(busy)])
+    assert times.hop_ms_median() == pytest.approx(0.5) and times.hop_ms_p99() == pytest.approx(0.5)
+    assert times.busy_ms("w0") == pytest.approx(3.0) and times.busy_ms("w2") == pytest.approx(4.0)
+    assert times.step_ms_median() == pytest.approx(11.5, abs=0.01) and times.busy_ms("elsewhere") == 0.0

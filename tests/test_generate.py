@@ -4,13 +4,15 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from procs import run_group
 
 import moemesh
 from moemesh.demo import build_demo_checkpoint
-from moemesh.model.generate import Request, Sampling, TextStream, generate_tokens, sample
+from moemesh.model.generate import Request, Sampling, TextStream, check_prompt, generate_tokens, sample
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +51,43 @@ def test_generation_stops_at_eos_max_tokens_and_context():
     def step(ids, start):  # the prefill (start 0) picks 2, then 3, 4, 1, 2
         return logits_by_step[0 if start == 0 else start - 2]
 
-    req = Request([0, 0, 0], max_new_tokens=10, eos_ids=(4,))
-    assert list(generate_tokens(step, req, 100)) == [2, 3, 4]  # EOS included, then stop
-    req = Request([0, 0, 0], max_new_tokens=2, eos_ids=(4,))
-    assert list(generate_tokens(step, req, 100)) == [2, 3]
-    req = Request([0, 0, 0], max_new_tokens=10)
-    assert len(list(generate_tokens(step, req, 6))) == 3  # context of 6 positions: 3 new tokens fit
+    req = Request([0, 0, 0], max_new_tokens=10, eos_ids=(4,)).start(5, 100)
+    assert list(generate_tokens(step, req)) == [2, 3, 4]  # EOS included, then stop
+    assert req.stats.finish_reason == "stop" and req.stats.new_tokens == 3
+    req = Request([0, 0, 0], max_new_tokens=2, eos_ids=(4,)).start(5, 100)
+    assert list(generate_tokens(step, req)) == [2, 3] and req.stats.finish_reason == "length"
+    req = Request([0, 0, 0], max_new_tokens=10).start(5, 6)
+    assert len(list(generate_tokens(step, req))) == 3  # context of 6 positions: 3 new tokens fit
+    assert req.fed == 5 and req.stats.finish_reason == "length"  # the last token is never fed
+
+
+def test_request_keeps_tokens_up_to_the_one_that_ends_it():
+    """Several tokens accepted in one step (as speculative decoding does) stop where one token at a time would."""
+    def decode(ids: list[int]) -> str:
+        return "".join(" abcd"[i] for i in ids)
+
+    req = Request([1], max_new_tokens=10, eos_ids=(4,), stop=["bc"]).start(5, 100, decode)
+    assert req.add([1], now=req.submitted + 0.5) == [1] and not req.finished
+    assert req.add([2, 3, 1, 4], now=req.submitted + 2.5) == [2, 3] and req.stats.finish_reason == "stop"
+    assert req.add([1], now=req.submitted + 3.0) == [] and req.generated == [1, 2, 3]
+    s = req.stats  # prefill: submission to the first token; decode: first token to the last
+    assert (s.prompt_tokens, s.new_tokens, s.prefill_s, s.decode_s) == (1, 3, pytest.approx(0.5), pytest.approx(2.0))
+    assert s.decode_tokens_per_s == pytest.approx(1.0) and s.prefill_tokens_per_s == pytest.approx(2.0)
+    req = Request([1, 2], max_new_tokens=3, eos_ids=(4,)).start(5, 100)
+    assert req.add([1, 1, 1, 1]) == [1, 1, 1] and req.stats.finish_reason == "length"
+    req = Request([1, 2], max_new_tokens=9).start(5, 4)
+    assert req.add([1, 1, 1]) == [1, 1] and req.stats.finish_reason == "length"  # the context holds 4
+
+
+def test_prompt_checks_say_what_is_wrong():
+    for prompt, stop, tokenizer, message in [
+            ([], None, True, "the prompt is empty"),
+            ([1] * 8, None, True, "the prompt has 8 tokens; this model's context is 8 positions"),
+            ([1, 9], None, True, r"token id 9 is outside the vocabulary \(0..8\)"),
+            ([1], ["x"], False, "stop strings need a tokenizer")]:
+        with pytest.raises(ValueError, match=message):
+            check_prompt(prompt, 9, 8, stop, tokenizer)
+    check_prompt([8] * 7, 9, 8, ["x"], True)
 
 
 def test_text_stream_holds_back_possible_stop_strings():
@@ -125,9 +158,10 @@ def test_cli_reports_bad_checkpoint(tmp_path):
 
 
 def test_cli_demo(tmp_path):
-    env = {"MOEMESH_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "moemesh.cli", "demo", "-n", "6"], capture_output=True, text=True,
-                            timeout=180, env=env)
+    # A fresh user's environment, with the installation's scripts on PATH (where `moemesh` itself is found): a ninja
+    # other than the one that built the CPU kernels would build them all again.
+    env = {"MOEMESH_CACHE": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = run_group([sys.executable, "-m", "moemesh.cli", "demo", "-n", "6"], timeout=180, env=env)
     assert result.returncode == 0, result.stderr
     assert "built the built-in demo checkpoint" in result.stderr and "decode" in result.stderr
     assert (tmp_path / "demo-v1" / "config.json").exists()

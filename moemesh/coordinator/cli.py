@@ -42,6 +42,8 @@ def start(
     split: str = typer.Option("auto", help="auto: the planner's fastest plan; even: equal layer split; even+experts: also spread experts."),
     plan: Path = typer.Option(None, help="A plan.json (from `placement plan`) naming the workers."),
     context: int = typer.Option(4096, help="Tokens of KV cache to leave room for."),
+    ready_timeout: str = typer.Option("30s", help="How long a request waits for the cluster to be ready, then fails "
+                                                  "(a client may ask for another wait)."),
     mdns_interface: list[str] = typer.Option(None, help="IPv4 address of an interface for mDNS (repeatable)."),
     no_mdns: bool = typer.Option(False, help="Do not announce on mDNS (workers then need --coordinator)."),
 ) -> None:
@@ -54,7 +56,8 @@ def start(
         raise typer.BadParameter(f"--split must be one of {', '.join(SPLITS)}")
     opts = CoordinatorOptions(model=model, name=name, cluster=cluster, host=host, port=port, expect=expect,
                               wait=seconds(wait) if wait else None, dtype=dtype, split=split, plan_file=plan,
-                              context=context, mdns=not no_mdns, interfaces=mdns_interface or None)
+                              context=context, mdns=not no_mdns, interfaces=mdns_interface or None,
+                              ready_timeout=seconds(ready_timeout))
     with Progress(TextColumn("{task.description}"), BarColumn(), console=console,
                   transient=True) as bars:
         tasks: dict[str, int] = {}
@@ -105,8 +108,11 @@ def status(
 def print_status(s) -> None:
     out = Console()
     out.print(f"[bold]{s.coordinator.name}[/] ({s.state}) serving {s.model}: {s.tokens_per_s:.1f} tokens/s now, "
-              f"plan predicts {s.predicted_tokens_per_s:.1f}; {s.active_requests} active request(s); hop latency "
-              f"median {s.hop_ms_median:.2f} ms, p99 {s.hop_ms_p99:.2f} ms")
+              f"plan predicts {s.predicted_tokens_per_s:.1f}; {s.active_requests} active request(s)")
+    if s.waiting_for:
+        out.print(f"[yellow]not ready:[/] {s.waiting_for}")
+    out.print(f"a step around the ring: median {s.step_ms_median:.2f} ms; per hop (its round trip less the nodes' "
+              f"busy time, over the hops): median {s.hop_ms_median:.2f} ms, p99 {s.hop_ms_p99:.2f} ms")
     table = Table("node", "state", "backend", "mem used/free", "layers", "experts", "RTT", "mem / decode BW",
                   "matmul", "busy/step")
     for n in s.nodes:

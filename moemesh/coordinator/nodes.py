@@ -27,7 +27,6 @@ class NodeHandle:
     kv_bytes: int = 0
     layers: list[int] = field(default_factory=list)
     experts: int = 0
-    busy_ms: list[float] = field(default_factory=list)  # compute per step, recent
     missed: int = 0  # heartbeats in a row without an answer
     channel: grpc.aio.Channel | None = None
     stub: rpc.WorkerStub | None = None
@@ -87,10 +86,10 @@ class NodeHandle:
         self.kv_bytes, self.weight_bytes = health.kv_bytes, health.weight_bytes
         return health
 
-    def status(self) -> pb.NodeStatus:
+    def status(self, busy_ms: float = 0.0) -> pb.NodeStatus:
+        """As `coordinator status` shows it; `busy_ms`: its recent compute per step (the ring times it)."""
         return pb.NodeStatus(info=self.info, state=self.state, rtt_s=self.rtt_s, link_bandwidth=self.link_bandwidth,
                              memory_bandwidth=self.memory_bandwidth, matmul_flops=self.matmul_flops,
                              decode_bandwidth=self.decode_bandwidth,
                              weight_bytes=self.weight_bytes, kv_bytes=self.kv_bytes, layers=self.layers,
-                             experts=self.experts,
-                             busy_ms=statistics.median(self.busy_ms) if self.busy_ms else 0.0)
+                             experts=self.experts, busy_ms=busy_ms)

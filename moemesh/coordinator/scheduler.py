@@ -1,5 +1,6 @@
 """Continuous batching on the head node: every step carries the next chunk of each request — a prompt
-chunk, or the last sampled token — around the ring once; the head embeds, samples and streams.
+chunk, or the last sampled token — around the ring once; the head embeds, samples and streams. Each
+request lives as on one machine (`moemesh.model.generate.Request`: sample, keep, stop, stats).
 
 When a worker is lost mid-generation the coordinator re-plans and the requests replay what they have
 (prompt + tokens so far) from position 0 on the new ring: no request is dropped, and greedy output is
@@ -13,14 +14,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from ..model.generate import GenerationStats, Sampling, TextStream, sample
+from ..model.generate import Request, sample
 from ..model.model import Transformer
-from ..model.tokenizer import Tokenizer
 
 STEP_TOKENS = 1024  # prompt tokens per step at most (longer prompts take several steps)
 
@@ -33,63 +31,42 @@ class NodeLost(RuntimeError):
     """A stage stopped answering: the coordinator must re-plan before the next step."""
 
 
-@dataclass
-class Request:
-    prompt: list[int]
-    max_new_tokens: int
-    sampling: Sampling
-    stop: list[str] | None
-    out: asyncio.Queue  # ("token", id) | ("done", stats) | ("error", message)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-    generated: list[int] = field(default_factory=list)
-    fed: int = 0  # positions the ring's caches hold for this request
-    rng: np.random.Generator | None = None
-    text: TextStream | None = None
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    started: float = field(default_factory=time.perf_counter)
-    first_token_at: float = 0.0
-    cancelled: bool = False
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.generated
-
-
 # (segments: (request id, start, length), hidden [tokens, hidden], free) -> hidden after the last stage
 Forward = Callable[[list[tuple[str, int, int]], torch.Tensor, list[str]], Awaitable[torch.Tensor]]
+Out = asyncio.Queue  # ("token", id) | ("done", GenerationStats) | ("error", message)
 
 
 class Scheduler:
-    def __init__(self, head: Transformer, tokenizer: Tokenizer | None, eos: tuple[int, ...], forward: Forward,
-                 replan: Callable[[str], Awaitable[None]]):
+    def __init__(self, head: Transformer, forward: Forward, replan: Callable[[str], Awaitable[None]]):
         self.head = head
-        self.tokenizer = tokenizer
-        self.eos = eos
         self.forward = forward
-        self.replan = replan
+        self.replan = replan  # loads new shards and calls reset_caches, or raises
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="head")
         self.active: list[Request] = []
+        self.outs: dict[str, Out] = {}  # request id -> its stream
         self.free: list[str] = []  # finished requests whose caches the next step drops
         self.wake = asyncio.Event()
         self.lock = asyncio.Lock()  # one step around the ring at a time
         self.recent: list[tuple[float, int]] = []  # (time, tokens generated) per step, for tokens/s
 
-    def submit(self, req: Request) -> None:
-        limit = self.head.args.max_position_embeddings
-        if not req.prompt:
-            raise ValueError("the prompt is empty")
-        if len(req.prompt) >= limit:
-            raise ValueError(f"the prompt has {len(req.prompt)} tokens; this model's context is {limit} positions")
-        bad = [t for t in req.prompt if not 0 <= t < self.head.args.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.head.args.vocab_size - 1})")
-        if req.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        req.rng = np.random.default_rng(req.sampling.seed)
-        req.text = TextStream(self.tokenizer.decode, req.stop) if req.stop else None
-        req.stats.prompt_tokens = len(req.prompt)
+    def submit(self, req: Request) -> Out:
+        """Queue a started request; its tokens, then ("done", stats) or ("error", message), arrive on the
+        queue returned."""
+        out = self.outs[req.id] = asyncio.Queue()
         self.active.append(req)
         self.wake.set()
+        return out
+
+    def cancel(self, req: Request) -> None:
+        """Its consumer went away: the request is dropped before the next step."""
+        req.cancelled = True
+
+    def reset_caches(self) -> None:
+        """The ring's shards are new and hold no caches: nothing to free, and every active request replays
+        from position 0."""
+        self.free.clear()
+        for r in self.active:
+            r.fed = 0
 
     def tokens_per_s(self, window: float = 10.0) -> float:
         now = time.perf_counter()
@@ -101,17 +78,16 @@ class Scheduler:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            for r in [r for r in self.active if r.cancelled]:  # the client went away
-                self.active.remove(r)
-                self.free.append(r.id)
+            for r in [r for r in self.active if r.cancelled]:
+                self._drop(r)
             if not self.active:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
             async with self.lock:
                 batch = self._plan_step()
-                ids = [t for r, start, n in batch for t in r.tokens[start : start + n]]
-                segments = [(r.id, start, n) for r, start, n in batch]
+                ids = [t for r, n in batch for t in r.unfed[:n]]
+                segments = [(r.id, r.fed, n) for r, n in batch]
                 free, self.free = self.free, []
                 try:
                     x = await loop.run_in_executor(self.compute, self.head.embed, ids)
@@ -120,29 +96,30 @@ class Scheduler:
                     await self._recover(str(e))
                     continue
                 except StepFailed as e:
-                    for r, _, _ in batch:
+                    for r, _ in batch:
                         self._finish(r, error=str(e))
                     continue
                 await self._sample(batch, hidden)
 
-    def _plan_step(self) -> list[tuple[Request, int, int]]:
-        """(request, first position, tokens) for this step: decode tokens first, then prompt chunks."""
+    def _plan_step(self) -> list[tuple[Request, int]]:
+        """(request, tokens from its first unfed position) for this step: decode tokens first, then prompt
+        chunks."""
         batch, budget = [], STEP_TOKENS
-        for r in sorted(self.active, key=lambda r: len(r.tokens) - r.fed):
-            todo = len(r.tokens) - r.fed
+        for r in sorted(self.active, key=lambda r: r.length - r.fed):
+            todo = r.length - r.fed
             n = 1 if todo == 1 else min(todo, budget)  # a decode token always rides along
             if n > 0:
-                batch.append((r, r.fed, n))
+                batch.append((r, n))
                 budget -= n
         return batch
 
-    async def _sample(self, batch: list[tuple[Request, int, int]], hidden: torch.Tensor) -> None:
+    async def _sample(self, batch: list[tuple[Request, int]], hidden: torch.Tensor) -> None:
         """Logits of each request whose tokens are all in now; sample, stream, finish."""
         ends, offset = [], 0
-        for r, start, n in batch:
-            r.fed = start + n
+        for r, n in batch:
+            r.fed += n
             offset += n
-            if r.fed == len(r.tokens):
+            if r.fed == r.length:
                 ends.append((r, offset - 1))
         if not ends:
             return
@@ -151,44 +128,51 @@ class Scheduler:
             self.compute, lambda: self.head.backend.to_numpy(self.head.head(rows)[1]))
         now = time.perf_counter()
         for (r, _), row in zip(ends, logits):
-            token = sample(row, r.sampling, r.rng)
-            r.generated.append(token)
-            r.stats.new_tokens = len(r.generated)
-            if r.first_token_at == 0.0:
-                r.first_token_at = now
-                r.stats.prefill_s = now - r.started
-            r.stats.decode_s = now - r.first_token_at
-            r.out.put_nowait(("token", token))
-            stop = token in self.eos
-            if not stop and r.text is not None:
-                r.text.add(token)
-                stop = r.text.stopped
-            if stop:
-                r.stats.finish_reason = "stop"
-            if stop or len(r.generated) >= r.max_new_tokens or len(r.tokens) >= self.head.args.max_position_embeddings:
-                r.stats.finish_reason = r.stats.finish_reason or "length"
+            for token in r.add([sample(row, r.sampling, r.rng)], now):
+                self.outs[r.id].put_nowait(("token", token))
+            if r.finished:
                 self._finish(r)
         self.recent.append((now, len(ends)))
 
-    def _finish(self, r: Request, error: str | None = None) -> None:
-        if r in self.active:
-            self.active.remove(r)
+    def _drop(self, r: Request) -> Out:
+        self.active.remove(r)
         self.free.append(r.id)
-        r.out.put_nowait(("error", error) if error else ("done", r.stats))
+        return self.outs.pop(r.id)
+
+    def _finish(self, r: Request, error: str | None = None) -> None:
+        self._drop(r).put_nowait(("error", error) if error else ("done", r.stats))
 
     async def _recover(self, reason: str) -> None:
-        """Re-plan around the lost node, then replay every active request from position 0."""
+        """Re-plan around the lost node (the requests then replay from position 0); with nothing left to
+        run on, the requests fail with the reason."""
         try:
             await self.replan(reason)
-        except Exception as e:  # nothing left to run on: the requests fail with the reason
+        except Exception as e:
             for r in list(self.active):
                 self._finish(r, error=f"lost a worker ({reason}) and could not re-plan: {e}")
-            return
-        self.free.clear()  # the new shards hold no caches
-        for r in self.active:
-            r.fed = 0
+
+    async def logits(self, rows: list[list[int]]) -> torch.Tensor:
+        """Full-sequence logits [batch, T, vocab] (float32, CPU) of equal-length rows, between steps; after a
+        lost node, re-plans and tries once more."""
+        loop = asyncio.get_running_loop()
+        key = uuid.uuid4().hex[:8]
+        ids = [f"logits-{key}-{i}" for i in range(len(rows))]
+        async with self.lock:
+            x = await loop.run_in_executor(self.compute, self.head.embed, [t for r in rows for t in r])
+            for attempt in range(2):
+                free, self.free = self.free, []
+                try:
+                    hidden = await self.forward([(r, 0, len(rows[0])) for r in ids], x, free)
+                    break
+                except NodeLost as e:
+                    if attempt:
+                        raise
+                    await self.replan(str(e))
+            self.free.extend(ids)
+            logits = await loop.run_in_executor(self.compute, lambda: self.head.head(hidden)[1].float().cpu())
+        return logits.view(len(rows), len(rows[0]), -1)
 
     async def exclusive(self, fn: Callable[[], Awaitable]) -> object:
-        """Run `fn` between steps (full-sequence logits use the ring too)."""
+        """Run `fn` between steps (re-planning uses the ring too)."""
         async with self.lock:
             return await fn()

@@ -17,7 +17,7 @@ from ..kernels import get_backend
 from .cache import KVCache, Segment
 from .checkpoint import Checkpoint
 from ..spec.config import ModelArgs
-from .generate import GenerationStats, Request, Sampling, generate_tokens
+from .generate import GenerationStats, Request, Sampling, generate_tokens, token_rows
 from .model import Progress, Transformer
 from ..spec.routing import RoutingStats
 from .tokenizer import Tokenizer
@@ -62,21 +62,11 @@ class Engine:
         return KVCache(self.backend, self.args.kv_cache_width)
 
     # ---- inference
-    def _check_ids(self, ids: list[int]) -> None:
-        bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.args.vocab_size - 1})")
-
     def logits(self, batch) -> torch.Tensor:
         """Full-sequence logits [batch, T, vocab] (float32, CPU) for equal-length token sequences
         (a list of lists or a 2-D integer tensor/array)."""
-        rows = [list(map(int, r)) for r in (batch.tolist() if hasattr(batch, "tolist") else batch)]
-        if not rows or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
-            raise ValueError("logits() takes a non-empty batch of equal-length, non-empty token sequences")
-        if len(rows[0]) > self.args.max_position_embeddings:
-            raise ValueError(f"sequences of {len(rows[0])} tokens exceed the context ({self.args.max_position_embeddings})")
+        rows = token_rows(batch, self.args.vocab_size, self.args.max_position_embeddings)
         flat = [t for r in rows for t in r]
-        self._check_ids(flat)
         segments = [Segment(self.new_cache(), 0, len(r)) for r in rows]
         _, logits = self.model.head(self.model.forward(self.model.embed(flat), segments))
         return torch.from_numpy(self.backend.to_numpy(logits)).view(len(rows), len(rows[0]), -1)
@@ -93,13 +83,12 @@ class Engine:
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                stop: list[str] | None = None) -> Iterator[int]:
         """Yield new token ids one by one (EOS included when reached)."""
-        prompt = [int(t) for t in prompt_ids]
-        self._check_ids(prompt)
-        req = Request(prompt, max_new_tokens, Sampling(temperature, top_p, top_k, seed), self.eos_ids, stop)
-        self.last_stats = GenerationStats()
-        decode = self.tokenizer.decode if self.tokenizer else None
-        yield from generate_tokens(self.step_fn(self.new_cache()), req, self.args.max_position_embeddings,
-                                   decode, self.last_stats)
+        req = Request([int(t) for t in prompt_ids], max_new_tokens, Sampling(temperature, top_p, top_k, seed),
+                      self.eos_ids, stop)
+        self.last_stats = req.stats
+        req.start(self.args.vocab_size, self.args.max_position_embeddings,
+                  self.tokenizer.decode if self.tokenizer else None)
+        yield from generate_tokens(self.step_fn(self.new_cache()), req)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 256, **kwargs) -> list[int]:
         """The new token ids for one prompt; stops early only at EOS or a stop string."""

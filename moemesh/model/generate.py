@@ -1,12 +1,16 @@
-"""Token generation over any forward function: sampling, EOS and stop strings, streaming.
+"""One request's life, the same on one machine and on a cluster: check the prompt, sample, stream, stop
+(EOS, a stop string, max_new_tokens, the context), and time it.
 
-`generate_tokens` drives a `step(ids, start) -> logits of the last position`, so the same loop serves a
-model on this machine and one spread over a cluster.
+A driver feeds a request's unfed tokens to the model, samples from the logits and hands the sampled tokens
+to `Request.add`, which keeps them up to the one that ends the request and updates its stats; the driver
+streams what it kept. `generate_tokens` is the driver over a `step(ids, start) -> logits of the last
+position` (one machine); the coordinator's scheduler drives many requests in one batched step.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -54,9 +58,9 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
 class GenerationStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    finish_reason: str = ""  # "stop" (EOS or stop string) or "length"
+    prefill_s: float = 0.0  # from submission to the first new token
+    decode_s: float = 0.0  # from the first new token to the last
+    finish_reason: str = ""  # "stop" (EOS or stop string) or "length"; "" while running
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -105,49 +109,118 @@ class TextStream:
         return delta
 
 
+def check_ids(ids: list[int], vocab_size: int) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def check_prompt(prompt: list[int], vocab_size: int, context: int, stop: list[str] | None = None,
+                 tokenizer: bool = True) -> None:
+    """Raise ValueError saying what is wrong with a prompt to generate from: it is empty, leaves no room in
+    the context for a new token, holds an id outside the vocabulary, or comes with stop strings but no
+    tokenizer to find them with."""
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if len(prompt) >= context:
+        raise ValueError(f"the prompt has {len(prompt)} tokens; this model's context is {context} positions")
+    check_ids(prompt, vocab_size)
+    if stop and not tokenizer:
+        raise ValueError("stop strings need a tokenizer")
+
+
+def token_rows(batch, vocab_size: int, context: int) -> list[list[int]]:
+    """A batch for full-sequence logits (a list of lists, or a 2-D integer array or tensor) as lists of ints;
+    ValueError unless the rows are non-empty, of equal length, within the context and the vocabulary."""
+    rows = [list(map(int, r)) for r in (batch.tolist() if hasattr(batch, "tolist") else batch)]
+    if not rows or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
+        raise ValueError("logits() takes a non-empty batch of equal-length, non-empty token sequences")
+    if len(rows[0]) > context:
+        raise ValueError(f"sequences of {len(rows[0])} tokens exceed the context ({context})")
+    check_ids([t for r in rows for t in r], vocab_size)
+    return rows
+
+
 @dataclass
 class Request:
+    """One generation request — what was asked — and its progress: the tokens generated, the positions the
+    model's caches hold, the stats."""
+
     prompt: list[int]
     max_new_tokens: int
     sampling: Sampling = field(default_factory=Sampling)
     eos_ids: tuple[int, ...] = ()
     stop: list[str] | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    generated: list[int] = field(default_factory=list)
+    fed: int = 0  # positions the model's KV caches hold for this request
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    cancelled: bool = False  # its consumer went away
+    context: int = 0  # positions the model holds (set by start)
+    rng: np.random.Generator | None = None
+    text: TextStream | None = None  # decoded text, to find stop strings in
+    submitted: float = 0.0  # perf_counter() at start
+    first_token_at: float = 0.0
+
+    def start(self, vocab_size: int, context: int, decode: Callable[[list[int]], str] | None = None) -> Request:
+        """Check the prompt against the model (ValueError) and start the clock."""
+        check_prompt(self.prompt, vocab_size, context, self.stop, decode is not None)
+        self.context = context
+        self.rng = np.random.default_rng(self.sampling.seed)
+        self.text = TextStream(decode, self.stop) if self.stop else None
+        self.stats.prompt_tokens = len(self.prompt)
+        if self.max_new_tokens < 1:
+            self.stats.finish_reason = "length"
+        self.submitted = time.perf_counter()
+        return self
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.stats.finish_reason)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+    @property
+    def unfed(self) -> list[int]:
+        """The tokens the model's caches do not hold yet (the prompt and tokens so far after a replay)."""
+        if self.fed >= len(self.prompt):
+            return self.generated[self.fed - len(self.prompt) :]
+        return self.prompt[self.fed :] + self.generated
+
+    def add(self, tokens: list[int], now: float | None = None) -> list[int]:
+        """Append sampled tokens up to the one that ends the request (an EOS, the token completing a stop
+        string, max_new_tokens, the context) and update the stats; returns the tokens kept, to stream."""
+        now = time.perf_counter() if now is None else now
+        kept = []
+        for token in tokens:
+            if self.finished:
+                break
+            self.generated.append(token)
+            kept.append(token)
+            stop = token in self.eos_ids
+            if not stop and self.text is not None:
+                self.text.add(token)
+                stop = self.text.stopped
+            if stop:
+                self.stats.finish_reason = "stop"
+            elif len(self.generated) >= self.max_new_tokens or self.length >= self.context:
+                self.stats.finish_reason = "length"
+        if kept:
+            if not self.first_token_at:
+                self.first_token_at = now
+                self.stats.prefill_s = now - self.submitted
+            self.stats.new_tokens = len(self.generated)
+            self.stats.decode_s = now - self.first_token_at
+        return kept
 
 
-def generate_tokens(step: StepFn, req: Request, max_positions: int,
-                    decode: Callable[[list[int]], str] | None = None,
-                    stats: GenerationStats | None = None) -> Iterator[int]:
-    """Yield new token ids: stops after an EOS token (yielded), a stop string (the token completing it is
-    yielded), max_new_tokens, or the model's context length."""
-    if not req.prompt:
-        raise ValueError("the prompt is empty")
-    if len(req.prompt) >= max_positions:
-        raise ValueError(f"the prompt has {len(req.prompt)} tokens; this model's context is {max_positions} positions")
-    if req.stop and decode is None:
-        raise ValueError("stop strings need a tokenizer")
-    stats = stats if stats is not None else GenerationStats()
-    stats.prompt_tokens, stats.finish_reason = len(req.prompt), "length"
-    rng = np.random.default_rng(req.sampling.seed)
-    text = TextStream(decode, req.stop) if req.stop else None
-    t0 = time.perf_counter()
-    logits = step(req.prompt, 0)
-    stats.prefill_s = time.perf_counter() - t0
-    position = len(req.prompt)
-    for i in range(req.max_new_tokens):
-        token = sample(logits, req.sampling, rng)
-        stats.new_tokens = i + 1
-        yield token
-        if token in req.eos_ids:
-            stats.finish_reason = "stop"
-            return
-        if text is not None:
-            text.add(token)
-            if text.stopped:
-                stats.finish_reason = "stop"
-                return
-        if i + 1 == req.max_new_tokens or position + 1 >= max_positions:
-            return
-        t0 = time.perf_counter()
-        logits = step([token], position)
-        stats.decode_s += time.perf_counter() - t0  # model time only, not the consumer's
-        position += 1
+def generate_tokens(step: StepFn, req: Request) -> Iterator[int]:
+    """Run a started request to its end on `step`, one token per step, yielding each new token id as it is
+    kept (an EOS, or the token completing a stop string, included)."""
+    while not req.finished:
+        ids = req.unfed
+        logits = step(ids, req.fed)
+        req.fed += len(ids)
+        yield from req.add([sample(logits, req.sampling, req.rng)])

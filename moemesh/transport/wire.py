@@ -15,7 +15,7 @@ from . import moemesh_pb2 as pb
 
 # Bumped on any incompatible change to proto/moemesh.proto. MOEMESH_PROTOCOL_VERSION overrides it
 # only so that tests can start a peer that speaks another version.
-PROTOCOL_VERSION = int(os.environ.get("MOEMESH_PROTOCOL_VERSION", "1"))
+PROTOCOL_VERSION = int(os.environ.get("MOEMESH_PROTOCOL_VERSION", "2"))
 
 MAX_MESSAGE = 1 << 30  # hidden states of long prompts and weight chunks are large
 # Dead peers are found by the coordinator's heartbeats, not by HTTP/2 keepalive pings.

@@ -8,9 +8,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
-from ..transport.wire import host_name
 from ..spec.units import fmt_bytes, size_bytes
-from .server import WorkerOptions, serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="A machine that lends its memory and compute.")
 console = Console(stderr=True)
@@ -29,6 +27,9 @@ def join(
     fetch_weights: bool = typer.Option(False, help="Take weights from the coordinator even if the files are here."),
 ) -> None:
     """Join a cluster: announce on mDNS, find the coordinator, and run what it assigns until Ctrl-C."""
+    from ..transport.wire import host_name  # torch: imported by this command only, not by all of `moemesh`
+    from .server import WorkerOptions, serve
+
     if no_mdns and not coordinator:
         raise typer.BadParameter("--no-mdns needs --coordinator HOST:PORT")
     try:

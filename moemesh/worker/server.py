@@ -257,7 +257,7 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
         loop = asyncio.get_running_loop()
         try:
             while (step := await context.read()) is not grpc.aio.EOF:
-                received = time.time()
+                received = time.perf_counter()  # this node's clock only: the coordinator compares no clocks
                 if not step.error:
                     try:
                         if self.shard is None:
@@ -268,7 +268,7 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
                         step.hidden.CopyFrom(tensor_msg(y))
                     except Exception as e:  # reported to the coordinator through the ring
                         step.error = f"{self.opts.name}: {type(e).__name__}: {e}"
-                step.hops.append(pb.Hop(node_id=self.node_id, received=received, sent=time.time()))
+                step.hops.append(pb.Hop(node_id=self.node_id, busy_s=time.perf_counter() - received))
                 if self.downstream is not None:
                     await self.downstream.send(step)
                 await context.write(pb.StepAck(step_id=step.step_id))
@@ -338,6 +338,7 @@ async def run_worker(opts: WorkerOptions, log=print, progress=None) -> int:
 async def _join_loop(worker: WorkerServer, opts: WorkerOptions, found: asyncio.Queue, log) -> int:
     """Register with the coordinator; if it goes quiet, look for it again."""
     announced = False
+    retry = 0.1  # seconds; doubles up to 1: a coordinator that is starting up is joined as soon as it listens
     while True:
         if opts.coordinator:
             target = opts.coordinator
@@ -347,13 +348,17 @@ async def _join_loop(worker: WorkerServer, opts: WorkerOptions, found: asyncio.Q
                 announced = True
             target = await found.get()
         try:
-            async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+            # A channel of its own subchannels: a shared one keeps the failed attempt's reconnect backoff (1 s and
+            # more), and the retry would fail again although the coordinator now listens.
+            options = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+            async with grpc.aio.insecure_channel(target, options=options) as channel:
                 reply = await rpc.CoordinatorStub(channel).Register(worker.info(), timeout=10)
         except grpc.aio.AioRpcError as e:
             if not announced:
                 log(f"coordinator {target} not reachable yet ({e.code().name}); retrying")
                 announced = True
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(retry)
+            retry = min(2 * retry, 1.0)
             continue
         if not reply.accepted:
             log(f"[red]refused by the coordinator:[/] {reply.reason}")
@@ -361,7 +366,7 @@ async def _join_loop(worker: WorkerServer, opts: WorkerOptions, found: asyncio.Q
         worker.coordinator = target
         worker.last_heard = time.monotonic()
         log(f"joined coordinator {reply.coordinator.name} at {target}")
-        announced = False
+        announced, retry = False, 0.1
         while time.monotonic() - worker.last_heard < 15:  # it heartbeats every second
             await asyncio.sleep(1.0)
         log(f"coordinator {target} went quiet; looking again")
