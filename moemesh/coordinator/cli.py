@@ -114,14 +114,15 @@ def print_status(s) -> None:
     out.print(f"a step around the ring: median {s.step_ms_median:.2f} ms; per hop (its round trip less the nodes' "
               f"busy time, over the hops): median {s.hop_ms_median:.2f} ms, p99 {s.hop_ms_p99:.2f} ms")
     table = Table("node", "state", "backend", "mem used/free", "layers", "experts", "RTT", "mem / decode BW",
-                  "matmul", "busy/step")
+                  "decode compute", "busy/step")
     for n in s.nodes:
         used = n.weight_bytes + n.kv_bytes
-        table.add_row(n.info.name, n.state, f"{n.info.backend}/{n.info.device}",
+        isa = f" ({n.cpu_isa})" if n.cpu_isa else ""
+        table.add_row(n.info.name, n.state, f"{n.info.backend}/{n.info.device}{isa}",
                       f"{fmt_bytes(used)} / {fmt_bytes(max(n.info.memory_free - used, 0))}", ranges(list(n.layers)) or "-",
                       str(n.experts), f"{n.rtt_s * 1e3:.2f} ms",
                       f"{n.memory_bandwidth / 1e9:.0f} / {n.decode_bandwidth / 1e9:.0f} GB/s",
-                      f"{n.matmul_flops / 1e9:.0f} GF/s", f"{n.busy_ms:.1f} ms")
+                      f"{n.decode_flops / 1e9:.0f} GF/s", f"{n.busy_ms:.1f} ms")
     out.print(table)
 
 

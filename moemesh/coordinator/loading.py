@@ -13,11 +13,12 @@ from pathlib import Path
 import grpc
 import torch
 
-from ..kernels.profile import decode_bandwidth
+from ..kernels.profile import decode_profile
 from ..model.checkpoint import Checkpoint, CheckpointError, fingerprint
 from ..placement import Plan
 from ..spec.layout import split_kv_b_shapes
 from ..spec.routing import RoutingStats
+from ..spec.sizes import checkpoint_format
 from ..transport import moemesh_pb2 as pb
 from ..transport.wire import tensor_msg
 from .nodes import NodeHandle
@@ -38,7 +39,7 @@ class Loader:
         self.plan: Plan | None = None  # loaded on the workers
         self.plan_id = 0
         self.past_routing = RoutingStats(self.args.n_routed_experts)  # what earlier plans' shards counted
-        self.head_bandwidth = 0.0
+        self.head_speed: tuple[float, float] | None = None  # its decode path's (bytes/s, flop/s)
 
     async def routing_stats(self, workers: list[NodeHandle]) -> RoutingStats:
         """Tokens routed to each expert, merged over the workers (each counts the layers it leads), added to
@@ -57,14 +58,14 @@ class Loader:
         """The plan for these workers, fed the routing counted so far (hot experts get replicas); None when
         `keep_if_same` and it lays out the model as the loaded one does. PlacementError if it does not fit."""
         stats = await self.routing_stats(workers)
-        if not self.head_bandwidth:  # measured once
-            a = self.args
-            self.head_bandwidth = await asyncio.get_running_loop().run_in_executor(
-                self.compute, decode_bandwidth, a.hidden_size, a.moe_intermediate_size or a.intermediate_size,
-                self.dtype)
+        if self.head_speed is None:  # measured once, on the weights as the head holds them
+            a, fmt = self.args, checkpoint_format(self.args, self.dtype)
+            self.head_speed = await asyncio.get_running_loop().run_in_executor(
+                self.compute, decode_profile, a.hidden_size, a.moe_intermediate_size or a.intermediate_size,
+                fmt.name, fmt.group_size, self.dtype)
         plan = make_plan(self.args, workers, self.dtype, self.split, self.context, mtp=self.mtp,
                          stats=stats if stats.layers else None, plan_file=self.plan_file,
-                         head_bandwidth=self.head_bandwidth)
+                         head_speed=self.head_speed)
         if keep_if_same and self.plan is not None and _layout(plan) == _layout(self.plan):
             return None
         self.past_routing = stats  # the new shards start counting from zero

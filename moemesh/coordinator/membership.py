@@ -11,6 +11,7 @@ from collections.abc import Callable
 import grpc
 
 from ..spec.config import ModelArgs
+from ..spec.sizes import checkpoint_format
 from ..transport import moemesh_pb2 as pb
 from ..transport.wire import ProtocolError, address, peer_host, version_problem
 from .nodes import NodeHandle
@@ -59,14 +60,15 @@ class Membership:
         expert_shape = (self.args.hidden_size, self.args.moe_intermediate_size or self.args.intermediate_size)
         try:
             async with self.profiling:  # one at a time: workers sharing a machine would measure each other
-                await handle.admit(self.me(), self.dtype, expert_shape)
+                await handle.admit(self.me(), self.dtype, expert_shape, checkpoint_format(self.args, self.dtype))
         except (ProtocolError, grpc.aio.AioRpcError) as e:
             handle.state = "lost"
             self.log(f"[red]could not admit[/] {handle.name}: {e}")
             return
         self.log(f"worker [bold]{handle.name}[/] joined from {handle.address}: "
                  f"{handle.info.memory_free / 1e9:.1f} GB offered, memory {handle.memory_bandwidth / 1e9:.1f} GB/s "
-                 f"(decode reads {handle.decode_bandwidth / 1e9:.1f} GB/s), "
+                 f"(decode reads {handle.decode_bandwidth / 1e9:.1f} GB/s at {handle.decode_flops / 1e9:.0f} GFLOP/s"
+                 f"{', ' + handle.cpu_isa + ' kernels' if handle.cpu_isa else ''}), "
                  f"matmul {handle.matmul_flops / 1e9:.0f} GFLOP/s, RTT {handle.rtt_s * 1e3:.2f} ms")
         self.joined.set()
         self.on_joined(handle)

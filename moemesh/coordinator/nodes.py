@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from ..spec.sizes import WeightFormat
 from ..transport import moemesh_pb2 as pb
 from ..transport import moemesh_pb2_grpc as rpc
 from ..transport.wire import GRPC_OPTIONS, ProtocolError, version_problem
@@ -19,8 +20,10 @@ class NodeHandle:
     address: str  # host:port of its gRPC server
     state: str = "joining"  # joining -> ready -> lost
     memory_bandwidth: float = 0.0  # bytes/s, a plain sum
-    decode_bandwidth: float = 0.0  # bytes/s of weights its decode matmuls read: what the planner uses
-    matmul_flops: float = 0.0
+    decode_bandwidth: float = 0.0  # bytes/s its decode path reads of the weights as held: the planner's bandwidth
+    decode_flops: float = 0.0  # flop/s of that same measurement: the planner's compute
+    matmul_flops: float = 0.0  # a square matmul in the compute dtype (shown, not planned with)
+    cpu_isa: str = ""  # the CPU kernels' instruction-set level
     rtt_s: float = 0.0
     link_bandwidth: float = 0.0  # bytes/s, coordinator -> node
     weight_bytes: int = 0
@@ -47,9 +50,9 @@ class NodeHandle:
         if self.channel is not None:
             await self.channel.close()
 
-    async def admit(self, me: pb.NodeInfo, dtype: str, expert_shape: tuple[int, int]) -> None:
-        """Handshake, then measure: the node's memory bandwidth and matmul speed (it measures them), and
-        the link's round trip and bandwidth (measured from here)."""
+    async def admit(self, me: pb.NodeInfo, dtype: str, expert_shape: tuple[int, int], fmt: WeightFormat) -> None:
+        """Handshake, then measure: the node's memory bandwidth, matmul speed and decode speed on weights held
+        as `fmt` (it measures them), and the link's round trip and bandwidth (measured from here)."""
         self.connect()
         try:
             theirs = await self.stub.Hello(me, timeout=10)
@@ -59,10 +62,12 @@ class NodeHandle:
         if problem:
             raise ProtocolError(problem)
         hidden, intermediate = expert_shape
-        profile = await self.stub.Profile(pb.ProfileRequest(dtype=dtype, hidden=hidden, intermediate=intermediate),
+        profile = await self.stub.Profile(pb.ProfileRequest(dtype=dtype, hidden=hidden, intermediate=intermediate,
+                                                            weight_format=fmt.name, group_size=fmt.group_size),
                                           timeout=300)
         self.memory_bandwidth, self.matmul_flops = profile.memory_bandwidth, profile.matmul_flops
-        self.decode_bandwidth = profile.decode_bandwidth
+        self.decode_bandwidth, self.decode_flops = profile.decode_bandwidth, profile.decode_flops
+        self.cpu_isa = profile.cpu_isa
         self.info.memory_free = profile.memory_free
         rtts = []
         for _ in range(10):
@@ -90,6 +95,7 @@ class NodeHandle:
         """As `coordinator status` shows it; `busy_ms`: its recent compute per step (the ring times it)."""
         return pb.NodeStatus(info=self.info, state=self.state, rtt_s=self.rtt_s, link_bandwidth=self.link_bandwidth,
                              memory_bandwidth=self.memory_bandwidth, matmul_flops=self.matmul_flops,
-                             decode_bandwidth=self.decode_bandwidth,
+                             decode_bandwidth=self.decode_bandwidth, decode_flops=self.decode_flops,
+                             cpu_isa=self.cpu_isa,
                              weight_bytes=self.weight_bytes, kv_bytes=self.kv_bytes, layers=self.layers,
                              experts=self.experts, busy_ms=busy_ms)

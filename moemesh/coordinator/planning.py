@@ -20,21 +20,22 @@ SPLITS = ("auto", "even", "even+experts")
 
 
 def placement_cluster(args: ModelArgs, workers: list[NodeHandle], dtype: str, context: int, mtp: bool,
-                      head_bandwidth: float = 1e10) -> Cluster:
+                      head_speed: tuple[float, float] = (1e10, 1e12)) -> Cluster:
     link = Link(rtt=statistics.median([w.rtt_s for w in workers]) or 1e-4,
                 bandwidth=min(w.link_bandwidth for w in workers) or 1e9)
-    # Plan with the bandwidth decoding achieves on each node, not the plain sum's.
+    # Plan with each node's decode path as measured on the weights it will hold (bytes/s and flop/s of one run,
+    # so the time model gives back what decoding takes there), not a plain read or a square matmul.
     nodes = tuple(Node(w.name, int(w.info.memory_free), w.decode_bandwidth or w.memory_bandwidth or 1e10,
-                       w.matmul_flops or 1e11) for w in workers)
+                       w.decode_flops or w.matmul_flops or 1e11) for w in workers)
     # The coordinator holds the head and nothing else: offer the planner exactly that much memory.
-    probe = Cluster((Node(HEAD, 1 << 62, head_bandwidth, 1e12, head=True),) + nodes, link)
+    probe = Cluster((Node(HEAD, 1 << 62, *head_speed, head=True),) + nodes, link)
     need = problem(args, probe, None, context, checkpoint_format(args, dtype), mtp=mtp).tm.head_memory()
-    return Cluster((Node(HEAD, need, head_bandwidth, 1e12, head=True),) + nodes, link, name="live")
+    return Cluster((Node(HEAD, need, *head_speed, head=True),) + nodes, link, name="live")
 
 
 def make_plan(args: ModelArgs, workers: list[NodeHandle], dtype: str, split: str = "auto", context: int = 4096,
               mtp: bool = True, stats: RoutingStats | None = None, plan_file: Path | None = None,
-              head_bandwidth: float = 1e10) -> Plan:
+              head_speed: tuple[float, float] = (1e10, 1e12)) -> Plan:
     if plan_file is not None:
         chosen = Plan.load(plan_file)
         names = {w.name for w in workers}
@@ -43,7 +44,7 @@ def make_plan(args: ModelArgs, workers: list[NodeHandle], dtype: str, split: str
             raise ValueError(f"{plan_file} names nodes that have not joined: {', '.join(unknown)} "
                              f"(joined: {', '.join(sorted(names))})")
         return chosen
-    cluster = placement_cluster(args, workers, dtype, context, mtp, head_bandwidth)
+    cluster = placement_cluster(args, workers, dtype, context, mtp, head_speed)
     quant = checkpoint_format(args, dtype)
     if split == "auto":
         return plan(args, cluster, stats, context=context, quant=quant, mtp=mtp)

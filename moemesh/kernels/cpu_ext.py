@@ -78,3 +78,8 @@ def cpu_kernels() -> ModuleType | None:
         print(f"moemesh: CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
               "using torch's matmuls", file=sys.stderr)
         return None
+
+
+def cpu_isa() -> str | None:
+    """The instruction-set level the loaded kernels were built for; None where they do not run."""
+    return "native" if cpu_kernels() is not None else None

@@ -1,4 +1,5 @@
-"""What a node measures about itself: memory read bandwidth, matmul speed, and the read speed of its decode path."""
+"""What a node measures about itself: memory read bandwidth, matmul speed, and its decode path's speed on
+the weights it will hold."""
 
 from __future__ import annotations
 
@@ -32,24 +33,45 @@ def matmul_flops(dtype: str = "bfloat16", device: str = "cpu", n: int = 1024, re
     return 2 * n**3 / _best(lambda: (a @ a, sync()), repeats)
 
 
-def decode_bandwidth(hidden: int, intermediate: int, dtype: str = "bfloat16", device: str = "cpu",
-                     budget: int = 256 << 20, repeats: int = 3) -> float:
-    """Bytes/s of weights read by this backend's decode path: SwiGLU MLPs of the model's expert shape on one
-    token, over more weights than the caches hold. What a decode step achieves, overheads included."""
+def decode_profile(hidden: int, intermediate: int, weight_format: str = "bf16", group_size: int = 64,
+                   dtype: str = "bfloat16", device: str = "cpu", budget: int = 256 << 20,
+                   repeats: int = 3) -> tuple[float, float]:
+    """(bytes/s, flop/s) of this backend's decode path on weights held as `weight_format` (bf16, fp32, fp8,
+    int4, int8): SwiGLU MLPs of the model's expert shape on one token, over more weights than the caches hold,
+    through the kernels (at the instruction-set level) a decode step runs. Bytes are the format's own, scales
+    included, so the planner's max(bytes / bandwidth, flops / compute) gives back the time measured."""
     from . import get_backend
-    from .base import MlpWeights
     from ..spec.config import args_from_dict
+    from ..spec.formats import FP8_BLOCK
+    from .base import MlpWeights
+    from .formats import fp8_quantize, quantize
 
-    args = args_from_dict({"model_type": "deepseek_v3", "vocab_size": 1, "hidden_size": hidden,
-                           "intermediate_size": intermediate, "num_hidden_layers": 1, "num_attention_heads": 1,
-                           "kv_lora_rank": 2, "q_lora_rank": None, "qk_nope_head_dim": 2, "qk_rope_head_dim": 2,
-                           "v_head_dim": 2})
-    backend = get_backend("torch", args, dtype=dtype, device=device)
-    one = 3 * hidden * intermediate * backend.element_size
-    mlps = [MlpWeights(*(backend.linear_weight(torch.ones(*shape, dtype=torch.bfloat16), None)
-                         for shape in ((intermediate, hidden), (intermediate, hidden), (hidden, intermediate))))
-            for _ in range(max(2, budget // one))]
-    x = torch.ones(1, hidden, device=device).to(mlps[0].gate.dtype)
+    config = {"model_type": "deepseek_v3", "vocab_size": 1, "hidden_size": hidden, "intermediate_size": intermediate,
+              "num_hidden_layers": 1, "num_attention_heads": 1, "kv_lora_rank": 2, "q_lora_rank": None,
+              "qk_nope_head_dim": 2, "qk_rope_head_dim": 2, "v_head_dim": 2}
+    if weight_format == "fp8":
+        config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(FP8_BLOCK)}
+    backend = get_backend("torch", args_from_dict(config), dtype="float32" if weight_format == "fp32" else dtype,
+                          device=device)
+    gen = torch.Generator().manual_seed(0)
+
+    def stored(out: int, inp: int) -> tuple:  # one weight as a checkpoint stores it in this format
+        w = torch.randn(out, inp, generator=gen) * 0.02
+        if weight_format == "fp8":
+            return fp8_quantize(w, FP8_BLOCK)
+        if weight_format in ("int4", "int8"):
+            return quantize(w.bfloat16(), int(weight_format[3:]), group_size)
+        return w.bfloat16(), None
+
+    # One MLP's stored tensors, then as many resident copies as fill the budget: each is loaded the way a
+    # shard's weights are (held in the backend's layout), so decode reads distinct memory every time.
+    shapes = ((intermediate, hidden), (intermediate, hidden), (hidden, intermediate))
+    one = [stored(*shape) for shape in shapes]
+    first = MlpWeights(*(backend.linear_weight(w.clone(), s) for w, s in one))
+    per_mlp = sum(_nbytes(w) for w in (first.gate, first.up, first.down))
+    mlps = [first] + [MlpWeights(*(backend.linear_weight(w.clone(), s) for w, s in one))
+                      for _ in range(max(1, budget // per_mlp) - 1)]
+    x = torch.randn(1, hidden, generator=gen).to(device, backend.dtype)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def run() -> None:
@@ -57,4 +79,10 @@ def decode_bandwidth(hidden: int, intermediate: int, dtype: str = "bfloat16", de
             backend.mlp(mlp, x)
         sync()
 
-    return one * len(mlps) / _best(run, repeats)
+    seconds = _best(run, repeats)
+    return per_mlp * len(mlps) / seconds, 2 * 3 * hidden * intermediate * len(mlps) / seconds
+
+
+def _nbytes(w) -> int:
+    return w.nbytes if hasattr(w, "nbytes") else w.numel() * w.element_size()
+

@@ -29,7 +29,8 @@ from ..transport.wire import (GRPC_OPTIONS, PROTOCOL_VERSION, ProtocolError, add
                               tensor_from, tensor_msg, version_problem)
 from ..process import stop_on_signals
 from ..spec.units import ranges
-from ..kernels.profile import decode_bandwidth, matmul_flops, memory_bandwidth
+from ..kernels.cpu_ext import cpu_isa
+from ..kernels.profile import decode_profile, matmul_flops, memory_bandwidth
 from .shard import Shard
 
 
@@ -109,12 +110,14 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
         dtype = request.dtype or "bfloat16"
         bandwidth = await loop.run_in_executor(self.compute, memory_bandwidth)
         flops = await loop.run_in_executor(self.compute, matmul_flops, dtype)
-        decode = 0.0
-        if request.hidden and request.intermediate:
-            decode = await loop.run_in_executor(self.compute, decode_bandwidth, request.hidden, request.intermediate, dtype)
+        decode = (0.0, 0.0)
+        if request.hidden and request.intermediate:  # the decode path on the weights as this node will hold them
+            decode = await loop.run_in_executor(self.compute, decode_profile, request.hidden, request.intermediate,
+                                                request.weight_format or "bf16", request.group_size or 64, dtype)
         info = self.info()
         return pb.ProfileReply(memory_bandwidth=bandwidth, matmul_flops=flops, memory_total=info.memory_total,
-                               memory_free=info.memory_free, decode_bandwidth=decode)
+                               memory_free=info.memory_free, decode_bandwidth=decode[0], decode_flops=decode[1],
+                               cpu_isa=cpu_isa() or "")
 
     async def Echo(self, request: pb.EchoMessage, context) -> pb.EchoMessage:
         self.last_heard = time.monotonic()
