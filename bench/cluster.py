@@ -1,12 +1,15 @@
 """Cluster decode speed on loopback: 1, 2 and 4 worker processes (an even pipeline split) against the
 single-node engine on the same memory-bound checkpoint, the per-hop latency of a decode step's hidden
-state, and the planner's prediction beside each measurement. `python bench/cluster.py` -> JSON."""
+state, and the live planner's prediction beside each measurement (from the workers' own profiles).
+
+`python bench/cluster.py [--format bf16|int4] [--isa avx512 avx2]` -> JSON. With several ISA levels, every
+process of each measurement runs the CPU kernels built for that level (MOEMESH_CPU_ISA), in the same run."""
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -32,26 +35,52 @@ def decode_rate(model, new_tokens: int, repeats: int) -> tuple[float, float]:
     return decode, prefill
 
 
+def checkpoint(root: Path, fmt: str) -> Path:
+    path = bench_checkpoint(root / "bf16")
+    if fmt == "int4" and not (root / "int4" / "config.json").exists():
+        from moemesh.quantize import Recipe, convert
+
+        convert(path, root / "int4", Recipe(bits=4, group_size=64))
+    return path if fmt == "bf16" else root / "int4"
+
+
+def single_node(path: Path, opts, isa: str) -> tuple[float, float]:
+    """The single-node engine's decode and prefill rates, in a subprocess built for `isa`."""
+    import subprocess
+
+    code = ("import json, sys; sys.path.insert(0, %r); import cluster as b, moemesh; "
+            "e = moemesh.load(%r, dtype=%r); print(json.dumps(b.decode_rate(e, %d, %d)))"
+            % (str(Path(__file__).parent), str(path), opts.dtype, opts.tokens, opts.repeats))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=os.environ | ({"MOEMESH_CPU_ISA": isa} if isa else {}), timeout=1800)
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--format", choices=("bf16", "int4"), default="bf16", help="checkpoint format (int4: g64)")
+    ap.add_argument("--isa", nargs="+", default=[""], help="CPU kernel levels to measure (default: the best)")
     ap.add_argument("--checkpoint", type=Path, default=Path(tempfile.gettempdir()) / "moemesh-bench-ckpt")
     opts = ap.parse_args()
-    path = bench_checkpoint(opts.checkpoint)
+    path = checkpoint(opts.checkpoint, opts.format)
+    results = {isa or "default": measure(path, opts, isa) for isa in opts.isa}
+    out = save("cluster", {"checkpoint": BENCH_CONFIG, "dtype": opts.dtype, "format": opts.format, "runs": results})
+    print(f"wrote {out}")
 
-    engine = moemesh.load(path, dtype=opts.dtype)
-    single, single_prefill = decode_rate(engine, opts.tokens, opts.repeats)
-    del engine
-    gc.collect()
-    print(f"single node: decode {single:.1f} tok/s, prefill {single_prefill:.1f} tok/s")
 
+def measure(path: Path, opts, isa: str) -> dict:
+    single, single_prefill = single_node(path, opts, isa)
+    print(f"[{isa or 'default'} kernels, {opts.format}] single node: decode {single:.1f} tok/s, "
+          f"prefill {single_prefill:.1f} tok/s")
     rows = []
     for n in opts.nodes:
         with tempfile.TemporaryDirectory() as logs:
-            cluster = LocalCluster(path, n, Path(logs), ["--split", "even", "--dtype", opts.dtype])
+            cluster = LocalCluster(path, n, Path(logs), ["--split", "even", "--dtype", opts.dtype],
+                                   env={"MOEMESH_CPU_ISA": isa} if isa else None)
             try:
                 model = cluster.wait_ready(nodes=n)
                 decode, prefill = decode_rate(model, opts.tokens, opts.repeats)
@@ -70,9 +99,8 @@ def main() -> None:
         print(f"{n} node(s): decode {r['decode_tokens_per_s']:.1f} tok/s = {r['vs_single_node']:.0%} of single node; "
               f"hop median {r['hop_ms_median']:.3f} ms, p99 {r['hop_ms_p99']:.3f} ms; planner predicted "
               f"{r['predicted_tokens_per_s']:.1f} tok/s (measured/predicted {r['measured_over_predicted']:.2f})")
-    out = save("cluster", {"checkpoint": BENCH_CONFIG, "dtype": opts.dtype, "single_node_decode_tokens_per_s": single,
-                           "single_node_prefill_tokens_per_s": single_prefill, "clusters": rows})
-    print(f"wrote {out}")
+    return {"single_node_decode_tokens_per_s": single, "single_node_prefill_tokens_per_s": single_prefill,
+            "clusters": rows}
 
 
 if __name__ == "__main__":

@@ -28,14 +28,15 @@ def free_port() -> int:
 
 class LocalCluster:
     def __init__(self, model: Path, workers: int, logdir: Path, coordinator_args: list[str] = (),
-                 worker_args: list[str] = (), mdns: bool = False, prefix: list[str] = (), host: str = "127.0.0.1"):
+                 worker_args: list[str] = (), mdns: bool = False, prefix: list[str] = (), host: str = "127.0.0.1",
+                 env: dict[str, str] | None = None):
         self.model, self.logdir, self.host = model, logdir, host
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: list = []
         # Idle OpenMP threads spin ~300k iterations before sleeping (libgomp's default): fine for one process
         # per machine, but processes sharing cores then steal them from each other on every step.
-        self.env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "GOMP_SPINCOUNT": "10000"}
+        self.env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "GOMP_SPINCOUNT": "10000"} | (env or {})
         # The children must not outlive this process: on Linux the kernel sends them SIGTERM when the thread that
         # started them exits (so start them from one that lives as long as the cluster); everywhere, each watches
         # a pipe whose write end only this process holds (moemesh.process.stop_on_signals).
