@@ -107,12 +107,15 @@ def status(
 
 def print_status(s) -> None:
     out = Console()
+    if not out.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        out = Console(width=160)
     out.print(f"[bold]{s.coordinator.name}[/] ({s.state}) serving {s.model}: {s.tokens_per_s:.1f} tokens/s now, "
               f"plan predicts {s.predicted_tokens_per_s:.1f}; {s.active_requests} active request(s)")
     if s.waiting_for:
         out.print(f"[yellow]not ready:[/] {s.waiting_for}")
-    out.print(f"a step around the ring: median {s.step_ms_median:.2f} ms; per hop (its round trip less the nodes' "
-              f"busy time, over the hops): median {s.hop_ms_median:.2f} ms, p99 {s.hop_ms_p99:.2f} ms")
+    if s.step_ms_median:
+        out.print(f"a step around the ring: median {s.step_ms_median:.2f} ms; per hop (its round trip less the "
+                  f"nodes' busy time, over the hops): median {s.hop_ms_median:.2f} ms, p99 {s.hop_ms_p99:.2f} ms")
     table = Table("node", "state", "backend", "mem used/free", "layers", "experts", "RTT", "mem / decode BW",
                   "decode compute", "busy/step")
     for n in s.nodes:
