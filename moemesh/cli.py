@@ -36,8 +36,10 @@ def load_with_progress(model: Path, backend: str, dtype: str, device: str):
 
 
 def stream_text(model, prompt: str, chat: bool, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                top_k: int = 0, seed: int | None = None, stop: list[str] | None = None) -> None:
-    """Print the completion as it streams, then tokens/s. `model`: an Engine or a ClusterModel."""
+                top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
+                speculative: str = "auto") -> None:
+    """Print the completion as it streams, then tokens/s (and how the MTP drafts fared). `model`: an Engine or
+    a ClusterModel."""
     from .model.generate import TextStream
 
     tok = model.tokenizer
@@ -47,13 +49,17 @@ def stream_text(model, prompt: str, chat: bool, max_tokens: int, temperature: fl
     text = TextStream(tok.decode, stop)
     if not chat:
         sys.stdout.write(prompt)
-    for token in model.stream(ids, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop):
+    for token in model.stream(ids, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                              speculative=speculative):
         sys.stdout.write(text.add(token))
         sys.stdout.flush()
     sys.stdout.write(text.flush() + "\n")
     s = model.last_stats
     console.print(f"[dim]prompt {s.prompt_tokens} tokens: prefill {s.prefill_tokens_per_s:.1f} tok/s | "
                   f"{s.new_tokens} new tokens: decode {s.decode_tokens_per_s:.1f} tok/s | finish: {s.finish_reason}[/]")
+    if s.drafted:
+        console.print(f"[dim]speculative (MTP): {s.accepted} of {s.drafted} drafts accepted "
+                      f"({100 * s.acceptance_rate:.0f}%), {s.tokens_per_step:.2f} tokens per step[/]")
 
 
 def report_local(engine, save_routing: Path | None = None) -> None:
@@ -85,22 +91,29 @@ def generate(
     dtype: str = typer.Option("bfloat16", help="Compute dtype: bfloat16, float16 or float32 (FP8 weights stay FP8)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     save_routing: Path | None = typer.Option(None, help="Write per-expert routing counts (JSON) for the planner."),
+    speculative: str = typer.Option("auto", help="mtp: draft each next token with the checkpoint's MTP module and "
+                                                 "verify it in the next step (same output, fewer steps when drafts "
+                                                 "hold); off; auto: mtp where the checkpoint has MTP weights "
+                                                 "(on a cluster: the coordinator's --speculative)."),
 ) -> None:
     """Generate text, streaming it as it comes: on this machine (--model) or on a cluster (--cluster)."""
     from .model.checkpoint import CheckpointError
+    from .model.generate import SPECULATIVE
 
     if (model is None) == (cluster is None):
         raise typer.BadParameter("give either --model DIR (this machine) or --cluster HOST:PORT")
+    if speculative not in SPECULATIVE:
+        raise typer.BadParameter(f"--speculative must be one of {', '.join(SPECULATIVE)}")
     try:
         if cluster is not None:
             from .client import ClusterModel
 
             with ClusterModel(resolve(cluster)) as remote:
-                stream_text(remote, prompt, chat, max_tokens, temperature, top_p, top_k, seed, stop)
+                stream_text(remote, prompt, chat, max_tokens, temperature, top_p, top_k, seed, stop, speculative)
                 print_status(remote.status())
             return
         engine = load_with_progress(model, backend, dtype, device)
-        stream_text(engine, prompt, chat, max_tokens, temperature, top_p, top_k, seed, stop)
+        stream_text(engine, prompt, chat, max_tokens, temperature, top_p, top_k, seed, stop, speculative)
         report_local(engine, save_routing)
     except (CheckpointError, ValueError, ConnectionError, RuntimeError) as e:
         console.print(f"[red]error:[/] {e}")
@@ -126,12 +139,13 @@ def demo(
         "weights, made on this machine. Its text is gibberish; the point is the whole path working.")
     if local:
         engine = load_with_progress(path, "torch", dtype, "cpu")
-        stream_text(engine, prompt, True, max_tokens, 0.8, 0.95, 0, 0)
+        stream_text(engine, prompt, True, max_tokens, 0.8, 0.95, 0, 0, speculative="off")
         report_local(engine)
         return
     with tempfile.TemporaryDirectory(prefix="moemesh-demo-") as logs:
         console.print(f"starting a coordinator and {workers} workers on 127.0.0.1 (separate processes; logs in {logs})")
-        cluster = LocalCluster(path, workers, Path(logs), ["--split", "even", "--dtype", dtype])
+        # Random MTP weights never draft a token the model keeps: speculation would only cost a position a step.
+        cluster = LocalCluster(path, workers, Path(logs), ["--split", "even", "--dtype", dtype, "--speculative", "off"])
         try:
             with Progress(TextColumn("{task.description}"), console=console, transient=True) as bar:
                 bar.add_task("workers joining, profiling, loading their layers (the first run also builds the CPU kernels)")

@@ -45,18 +45,22 @@ class ClusterModel:
         return tensor_from(reply.logits)
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, stop: list[str] | None = None) -> Iterator[int]:
-        """Yield new token ids as the cluster produces them (EOS included when reached)."""
+               top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
+               speculative: str | None = "auto") -> Iterator[int]:
+        """Yield new token ids as the cluster produces them (EOS included when reached). `speculative`: "mtp"
+        (MTP drafts verified each trip), None or "off", or "auto": the coordinator's --speculative."""
         sampling = pb.Sampling(temperature=temperature, top_p=top_p, top_k=top_k, has_seed=seed is not None,
                                seed=seed or 0)
         request = pb.GenerateRequest(prompt=[int(t) for t in prompt_ids], max_new_tokens=max_new_tokens,
-                                     sampling=sampling, stop=stop or [], ready_timeout_s=self.timeout)
+                                     sampling=sampling, stop=stop or [], ready_timeout_s=self.timeout,
+                                     speculative={"auto": "", None: "off"}.get(speculative, speculative))
         self.last_stats = GenerationStats()
         try:
             for reply in self.stub.Generate(request):
                 if reply.done:
                     self.last_stats = GenerationStats(reply.prompt_tokens, reply.new_tokens, reply.prefill_s,
-                                                      reply.decode_s, reply.finish_reason)
+                                                      reply.decode_s, reply.finish_reason, reply.steps,
+                                                      reply.drafted, reply.accepted)
                     return
                 yield reply.token
         except grpc.RpcError as e:

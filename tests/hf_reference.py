@@ -83,6 +83,27 @@ def add_mtp_layer(path: Path, config: DeepseekV3Config, seed: int = 1) -> None:
     (path / "config.json").write_text(json.dumps(cfg))
 
 
+def make_mtp_predictive(path: Path, config: DeepseekV3Config, damping: float = 0.5) -> None:
+    """Make a checkpoint's MTP layer (from `add_mtp_layer`) a good draft model, by hand: the main model's layers
+    write `damping` times their output into the residual stream (o_proj and down_proj scaled), so the embedding
+    mostly decides the next token; the MTP layer passes the embedding of its input token through unchanged
+    (eh_proj = [I | 0], its block's o_proj and down_proj zero, unit enorm) into the main model's final norm and
+    lm_head. Its draft is then the token the main model would predict from that token alone, which the main
+    model's own prediction often, not always, is (damping 0: always)."""
+    tensors = load_file(path / "model.safetensors")
+    n, d = config.num_hidden_layers, config.hidden_size
+    for name, t in list(tensors.items()):
+        if name.endswith(("o_proj.weight", "down_proj.weight")) and name.startswith("model.layers."):
+            own = name.startswith(f"model.layers.{n}.")
+            tensors[name] = torch.zeros_like(t) if own else damping * t
+    p = f"model.layers.{n}."
+    tensors[p + "eh_proj.weight"] = torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1)
+    tensors[p + "enorm.weight"] = torch.ones(d)
+    tensors[p + "shared_head.norm.weight"] = tensors["model.norm.weight"].clone()
+    tensors[p + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
 def is_quantized_in_official_format(name: str, t: torch.Tensor) -> bool:
     """Linear weights inside the layers; not the router, norms, embedding or lm_head."""
     return (t.dim() == 2 and name.endswith(".weight") and ".layers." in name and "mlp.gate.weight" not in name

@@ -44,20 +44,27 @@ def start(
     context: int = typer.Option(4096, help="Tokens of KV cache to leave room for."),
     ready_timeout: str = typer.Option("30s", help="How long a request waits for the cluster to be ready, then fails "
                                                   "(a client may ask for another wait)."),
+    speculative: str = typer.Option("auto", help="Requests' default (each may say otherwise): mtp drafts each next "
+                                                 "token with the MTP module on this node and verifies it on the next "
+                                                 "trip (same output); off; auto: mtp where the checkpoint has MTP "
+                                                 "weights."),
     mdns_interface: list[str] = typer.Option(None, help="IPv4 address of an interface for mDNS (repeatable)."),
     no_mdns: bool = typer.Option(False, help="Do not announce on mDNS (workers then need --coordinator)."),
 ) -> None:
     """Serve a model on the workers that join: plan, load, then generate (`moemesh generate --cluster`)."""
     from ..model.checkpoint import CheckpointError
+    from ..model.generate import SPECULATIVE
     from .planning import SPLITS
     from .server import UI, CoordinatorOptions, run_coordinator
 
     if split not in SPLITS:
         raise typer.BadParameter(f"--split must be one of {', '.join(SPLITS)}")
+    if speculative not in SPECULATIVE:
+        raise typer.BadParameter(f"--speculative must be one of {', '.join(SPECULATIVE)}")
     opts = CoordinatorOptions(model=model, name=name, cluster=cluster, host=host, port=port, expect=expect,
                               wait=seconds(wait) if wait else None, dtype=dtype, split=split, plan_file=plan,
                               context=context, mdns=not no_mdns, interfaces=mdns_interface or None,
-                              ready_timeout=seconds(ready_timeout))
+                              ready_timeout=seconds(ready_timeout), speculative=speculative)
     with Progress(TextColumn("{task.description}"), BarColumn(), console=console,
                   transient=True) as bars:
         tasks: dict[str, int] = {}
@@ -116,6 +123,11 @@ def print_status(s) -> None:
     if s.step_ms_median:
         out.print(f"a step around the ring: median {s.step_ms_median:.2f} ms; per hop (its round trip less the "
                   f"nodes' busy time, over the hops): median {s.hop_ms_median:.2f} ms, p99 {s.hop_ms_p99:.2f} ms")
+    speculation = f"speculative decoding (MTP) {'on' if s.speculative else 'off'} by default"
+    if s.tokens_per_trip:
+        speculation += (f"; since start: {100 * s.draft_acceptance:.0f}% of drafts accepted, "
+                        f"{s.tokens_per_trip:.2f} tokens per request per trip")
+    out.print(speculation)
     table = Table("node", "state", "backend", "mem used/free", "layers", "experts", "RTT", "mem / decode BW",
                   "decode compute", "busy/step")
     for n in s.nodes:

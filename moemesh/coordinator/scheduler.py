@@ -1,6 +1,9 @@
 """Continuous batching on the head node: every step carries the next chunk of each request — a prompt
-chunk, or the last sampled token — around the ring once; the head embeds, samples and streams. Each
-request lives as on one machine (`moemesh.model.generate.Request`: sample, keep, stop, stats).
+chunk, or the last sampled token and, for a request that speculates, the MTP module's draft after it —
+around the ring once; the head embeds, samples or verifies, drafts and streams. Each request lives as on
+one machine (`moemesh.model.generate.Request`: sample or verify, keep, stop, stats). A request whose draft
+was rejected starts its next segment at the first unverified position, and every stage rolls its cache
+back to there before writing (docs/cluster.md, The step).
 
 When a worker is lost mid-generation the coordinator re-plans and the requests replay what they have
 (prompt + tokens so far) from position 0 on the new ring: no request is dropped, and greedy output is
@@ -15,10 +18,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
-from ..model.generate import Request, sample
+from ..model.generate import GenerationStats, Request
 from ..model.model import Transformer
+from ..model.speculative import MtpDrafter
 
 STEP_TOKENS = 1024  # prompt tokens per step at most (longer prompts take several steps)
 
@@ -47,7 +52,9 @@ class Scheduler:
         self.free: list[str] = []  # finished requests whose caches the next step drops
         self.wake = asyncio.Event()
         self.lock = asyncio.Lock()  # one step around the ring at a time
+        self.drafter = MtpDrafter(head)
         self.recent: list[tuple[float, int]] = []  # (time, tokens generated) per step, for tokens/s
+        self.served = GenerationStats()  # every request's steps, drafts and tokens since start
 
     def submit(self, req: Request) -> Out:
         """Queue a started request; its tokens, then ("done", stats) or ("error", message), arrive on the
@@ -66,7 +73,7 @@ class Scheduler:
         from position 0."""
         self.free.clear()
         for r in self.active:
-            r.fed = 0
+            r.replay()
 
     def tokens_per_s(self, window: float = 10.0) -> float:
         now = time.perf_counter()
@@ -86,7 +93,7 @@ class Scheduler:
                 continue
             async with self.lock:
                 batch = self._plan_step()
-                ids = [t for r, n in batch for t in r.unfed[:n]]
+                ids = [t for r, n in batch for t in r.pending[:n]]
                 segments = [(r.id, r.fed, n) for r, n in batch]
                 free, self.free = self.free, []
                 try:
@@ -105,38 +112,65 @@ class Scheduler:
         """(request, tokens from its first unfed position) for this step: decode tokens first, then prompt
         chunks."""
         batch, budget = [], STEP_TOKENS
-        for r in sorted(self.active, key=lambda r: r.length - r.fed):
+        for r in sorted(self.active, key=lambda r: len(r.pending)):
             todo = r.length - r.fed
-            n = 1 if todo == 1 else min(todo, budget)  # a decode token always rides along
+            n = len(r.pending) if todo == 1 else min(todo, budget)  # a decode token (and its draft) always rides
             if n > 0:
                 batch.append((r, n))
                 budget -= n
         return batch
 
     async def _sample(self, batch: list[tuple[Request, int]], hidden: torch.Tensor) -> None:
-        """Logits of each request whose tokens are all in now; sample, stream, finish."""
-        ends, offset = [], 0
-        for r, n in batch:
-            r.fed += n
-            offset += n
-            if r.fed == r.length:
-                ends.append((r, offset - 1))
-        if not ends:
-            return
-        rows = hidden[torch.tensor([i for _, i in ends])]
-        logits = await asyncio.get_running_loop().run_in_executor(
-            self.compute, lambda: self.head.backend.to_numpy(self.head.head(rows)[1]))
+        """Each request's new tokens (and next draft) from the step's hidden states; stream, finish."""
+        kept = await asyncio.get_running_loop().run_in_executor(self.compute, self._tokens, batch, hidden)
         now = time.perf_counter()
-        for (r, _), row in zip(ends, logits):
-            for token in r.add([sample(row, r.sampling, r.rng)], now):
+        for (r, _), tokens in zip(batch, kept):
+            for token in tokens:
                 self.outs[r.id].put_nowait(("token", token))
             if r.finished:
                 self._finish(r)
-        self.recent.append((now, len(ends)))
+        self.recent.append((now, sum(map(len, kept))))
+
+    def _tokens(self, batch: list[tuple[Request, int]], hidden: torch.Tensor) -> list[list[int]]:
+        """On the head's thread: logits at the last token and each draft of every request whose pending tokens
+        are all in, its tokens (`Request.accept`), then the MTP drafts. Returns the tokens each request kept
+        (none for a prompt chunk with more to come)."""
+        h = self.head.final_norm(hidden)
+        rows, offset = [], 0
+        for r, n in batch:
+            if n == len(r.pending):
+                rows += range(offset + n - 1 - len(r.draft), offset + n)
+            offset += n
+        b = self.head.backend
+        logits = b.to_numpy(self.head.lm_logits(h[b.tokens(rows)])) if rows else None
+        kept, runs, at, offset = [], [], 0, 0
+        for r, n in batch:
+            start, k = r.fed, 1 + len(r.draft)
+            if n == len(r.pending):
+                kept.append(self._accept(r, logits[at : at + k]))
+                at += k
+            else:
+                r.fed += n
+                kept.append([])
+            if r.speculative and not r.finished:
+                runs.append((r, start, offset))
+            offset += n
+        self.drafter.draft(h, runs)
+        return kept
+
+    def _accept(self, r: Request, logits: np.ndarray) -> list[int]:
+        """`Request.accept`, counted into `served`."""
+        drafted, accepted = len(r.draft), r.stats.accepted
+        tokens = r.accept(logits)
+        s = self.served
+        s.steps, s.drafted, s.new_tokens = s.steps + 1, s.drafted + drafted, s.new_tokens + len(tokens)
+        s.accepted += r.stats.accepted - accepted
+        return tokens
 
     def _drop(self, r: Request) -> Out:
         self.active.remove(r)
         self.free.append(r.id)
+        self.drafter.free(r.id)
         return self.outs.pop(r.id)
 
     def _finish(self, r: Request, error: str | None = None) -> None:

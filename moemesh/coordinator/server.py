@@ -16,6 +16,7 @@ import grpc
 from ..kernels import get_backend
 from ..model.checkpoint import Checkpoint
 from ..model.engine import eos_ids
+from ..model.generate import speculation
 from ..model.model import Transformer
 from ..model.tokenizer import Tokenizer
 from ..placement import PlacementError
@@ -49,6 +50,7 @@ class CoordinatorOptions:
     interfaces: list[str] | None = None
     step_timeout: float = 600.0
     ready_timeout: float = 30.0  # a request waits this long for the cluster to be ready, unless it says
+    speculative: str = "auto"  # requests' default: "mtp", "off", "auto" (MTP drafts where the checkpoint has them)
     heartbeat_s: float = 1.0
     lost_after: int = 3  # missed heartbeats
 
@@ -71,6 +73,8 @@ class Coordinator:
         head = Transformer.load(ckpt, get_backend("torch", self.args, dtype=opts.dtype), layers=[], head=True)
         self.tokenizer = Tokenizer.from_dir(opts.model)
         self.eos = eos_ids(Path(opts.model), self.args)
+        self.mtp = bool(head.mtp)
+        self.speculative = speculation(opts.speculative, self.mtp)  # ValueError: asked for MTP, none loaded
         self.state = "waiting"
         self.problem = ""  # why it waits (besides for workers to join) or re-plans
         self.ready = asyncio.Event()  # set while the state is "ready"

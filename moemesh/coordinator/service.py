@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from ..model.checkpoint import CheckpointError
-from ..model.generate import Request, Sampling, token_rows
+from ..model.generate import Request, Sampling, speculation, token_rows
 from ..transport import moemesh_pb2 as pb
 from ..transport import moemesh_pb2_grpc as rpc
 from ..transport.wire import tensor_msg
@@ -59,8 +59,9 @@ class CoordinatorService(rpc.CoordinatorServicer):
         c, s = self.c, request.sampling
         try:
             sampling = Sampling(s.temperature, s.top_p or 1.0, s.top_k, s.seed if s.has_seed else None)
+            speculative = speculation(request.speculative, c.mtp) if request.speculative else c.speculative
             req = Request(list(request.prompt), request.max_new_tokens or 256, sampling, c.eos,
-                          list(request.stop) or None)
+                          list(request.stop) or None, speculative)
             req.start(c.args.vocab_size, c.args.max_position_embeddings, c.tokenizer.decode if c.tokenizer else None)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -76,7 +77,8 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 else:
                     yield pb.GenerateReply(done=True, finish_reason=value.finish_reason, prefill_s=value.prefill_s,
                                            decode_s=value.decode_s, prompt_tokens=value.prompt_tokens,
-                                           new_tokens=value.new_tokens)
+                                           new_tokens=value.new_tokens, steps=value.steps, drafted=value.drafted,
+                                           accepted=value.accepted)
                     return
         finally:
             c.scheduler.cancel(req)  # a client that leaves early stops its request
@@ -113,4 +115,5 @@ class CoordinatorService(rpc.CoordinatorServicer):
             predicted_tokens_per_s=plan.tokens_per_s if plan else 0.0,
             plan_json=json.dumps(plan.to_dict()) if plan else "", state=c.state,
             hop_ms_median=times.hop_ms_median(), hop_ms_p99=times.hop_ms_p99(), step_ms_median=times.step_ms_median(),
-            waiting_for="" if c.state == "ready" else c.waiting_for())
+            waiting_for="" if c.state == "ready" else c.waiting_for(), speculative=c.speculative,
+            draft_acceptance=c.scheduler.served.acceptance_rate, tokens_per_trip=c.scheduler.served.tokens_per_step)

@@ -17,8 +17,9 @@ from ..kernels import get_backend
 from .cache import KVCache, Segment
 from .checkpoint import Checkpoint
 from ..spec.config import ModelArgs
-from .generate import GenerationStats, Request, Sampling, generate_tokens, token_rows
+from .generate import GenerationStats, Request, Sampling, generate_tokens, speculation, token_rows
 from .model import Progress, Transformer
+from .speculative import LocalSpeculation
 from ..spec.routing import RoutingStats
 from .tokenizer import Tokenizer
 
@@ -72,7 +73,7 @@ class Engine:
         return torch.from_numpy(self.backend.to_numpy(logits)).view(len(rows), len(rows[0]), -1)
 
     def step_fn(self, cache: KVCache):
-        """A `generate_tokens` step over one request's cache: logits of the last new position."""
+        """A `generate_tokens` step over one request's cache, without drafts: logits of the last new position."""
         def step(ids: list[int], start: int) -> np.ndarray:
             x = self.model.forward(self.model.embed(ids), [Segment(cache, start, len(ids))])
             _, logits = self.model.head(x[-1:])
@@ -81,17 +82,23 @@ class Engine:
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               stop: list[str] | None = None) -> Iterator[int]:
-        """Yield new token ids one by one (EOS included when reached)."""
+               stop: list[str] | None = None, speculative: str | None = "auto") -> Iterator[int]:
+        """Yield new token ids one by one (EOS included when reached). `speculative`: "mtp" drafts each next
+        token with the MTP module and verifies it in the following step (exact: the output is the model's),
+        None or "off" does not, "auto" does where the checkpoint has MTP weights."""
         req = Request([int(t) for t in prompt_ids], max_new_tokens, Sampling(temperature, top_p, top_k, seed),
-                      self.eos_ids, stop)
+                      self.eos_ids, stop, speculation(speculative, bool(self.model.mtp)))
         self.last_stats = req.stats
         req.start(self.args.vocab_size, self.args.max_position_embeddings,
                   self.tokenizer.decode if self.tokenizer else None)
-        yield from generate_tokens(self.step_fn(self.new_cache()), req)
+        if not req.speculative:
+            yield from generate_tokens(self.step_fn(self.new_cache()), req)
+            return
+        run = LocalSpeculation(self.model, self.new_cache(), req)
+        yield from generate_tokens(run.step, req, run.draft)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 256, **kwargs) -> list[int]:
-        """The new token ids for one prompt; stops early only at EOS or a stop string."""
+        """The new token ids for one prompt; stops early only at EOS or a stop string (keywords: `stream`'s)."""
         return list(self.stream(prompt_ids, max_new_tokens, **kwargs))
 
     def routing_stats(self) -> RoutingStats:

@@ -1,10 +1,11 @@
 """One request's life, the same on one machine and on a cluster: check the prompt, sample, stream, stop
 (EOS, a stop string, max_new_tokens, the context), and time it.
 
-A driver feeds a request's unfed tokens to the model, samples from the logits and hands the sampled tokens
-to `Request.add`, which keeps them up to the one that ends the request and updates its stats; the driver
-streams what it kept. `generate_tokens` is the driver over a `step(ids, start) -> logits of the last
-position` (one machine); the coordinator's scheduler drives many requests in one batched step.
+A driver feeds a request's pending tokens to the model (the unfed ones, then any drafts) and hands the logits
+to `Request.accept`, which samples the next token (or verifies the drafts: speculative sampling, `verify`)
+and keeps the tokens up to the one that ends the request (`Request.add`), updating its stats; the driver
+streams what it kept. `generate_tokens` is the driver over a `step(ids, start) -> logits` (one machine); the
+coordinator's scheduler drives many requests in one batched step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-StepFn = Callable[[list[int], int], np.ndarray]  # (new token ids, position of the first) -> logits [vocab]
+# (new token ids, position of the first) -> logits of the last position [vocab], or of the last 1 + drafts
+# positions [rows, vocab] when the ids end with drafts
+StepFn = Callable[[list[int], int], np.ndarray]
+DraftFn = Callable[["Request"], None]  # sets a request's drafts for its next step (`Request.propose`)
+SPECULATIVE = ("auto", "mtp", "off")
+
+
+def speculation(choice: str | None, available: bool) -> bool:
+    """Whether a request speculates with the MTP module: "mtp" (ValueError where the model has none), "off" or
+    None, or "auto": where it has one. The output is the model's either way."""
+    if choice not in (*SPECULATIVE, None):
+        raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)} (or None), got {choice!r}")
+    if choice == "mtp" and not available:
+        raise ValueError("speculative='mtp' needs MTP weights, and this checkpoint has none loaded")
+    return available and choice in ("mtp", "auto")
 
 
 @dataclass
@@ -35,9 +50,13 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
-def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
+def probabilities(logits: np.ndarray, s: Sampling) -> np.ndarray:
+    """The distribution a token is drawn from (float64): softmax(logits / temperature) cut to the top_k tokens, then
+    to the smallest set reaching top_p, renormalized; greedy (temperature 0) puts all of it on the argmax."""
     if s.temperature == 0:
-        return int(np.argmax(logits))
+        p = np.zeros(logits.size)
+        p[np.argmax(logits)] = 1.0
+        return p
     z = logits.astype(np.float64) / s.temperature
     if s.top_k and s.top_k < z.size:
         kth = np.partition(z, -s.top_k)[-s.top_k]
@@ -51,7 +70,40 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
         kept = np.zeros_like(probs)
         kept[keep] = probs[keep]
         probs = kept / kept.sum()
-    return int(rng.choice(probs.size, p=probs))
+    return probs
+
+
+def draw(p: np.ndarray, rng: np.random.Generator) -> int:
+    """A token drawn from the distribution p."""
+    return int(rng.choice(p.size, p=p))
+
+
+def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
+    """The next token as `s` samples it: the argmax when greedy, else a draw from `probabilities`."""
+    return int(np.argmax(logits)) if s.temperature == 0 else draw(probabilities(logits, s), rng)
+
+
+def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """max(0, p - q), normalized: what a rejected draft is replaced from, so that the token comes out distributed
+    as p. Reached only where q puts more mass than p on the draft, so some token has p > q and the sum is > 0."""
+    r = np.maximum(p - q, 0.0)
+    return r / r.sum()
+
+
+def verify(draft: list[int], draft_probs: list[np.ndarray], logits: np.ndarray, s: Sampling,
+           rng: np.random.Generator) -> tuple[int, int]:
+    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): `logits` [1 + len(draft), vocab] are the
+    model's at the token before each draft and after the last; `draft_probs` the distributions the drafts were
+    drawn from. Draft i is kept with probability min(1, p(d)/q(d)), p and q after temperature/top-k/top-p; the
+    first one rejected is replaced by a draw from `residual(p, q)`; when all are kept, one more token is sampled
+    from the last row. Each token comes out distributed exactly as the model's own sample; greedy is the case
+    where p and q are one-hot: a draft is kept where it is the argmax, else replaced by the argmax. Returns
+    (drafts kept, the token after them)."""
+    for i, (d, q) in enumerate(zip(draft, draft_probs)):
+        p = probabilities(logits[i], s)
+        if rng.random() * q[d] >= p[d]:  # rejected: u >= p(d)/q(d); q(d) > 0, d was drawn from q
+            return i, draw(residual(p, q), rng)
+    return len(draft), sample(logits[len(draft)], s, rng)
 
 
 @dataclass
@@ -61,6 +113,17 @@ class GenerationStats:
     prefill_s: float = 0.0  # from submission to the first new token
     decode_s: float = 0.0  # from the first new token to the last
     finish_reason: str = ""  # "stop" (EOS or stop string) or "length"; "" while running
+    steps: int = 0  # forward steps (on a cluster: trips around the ring) that yielded tokens
+    drafted: int = 0  # draft tokens verified (speculative decoding)
+    accepted: int = 0  # of those, kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.new_tokens / self.steps if self.steps else 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -151,9 +214,12 @@ class Request:
     sampling: Sampling = field(default_factory=Sampling)
     eos_ids: tuple[int, ...] = ()
     stop: list[str] | None = None
+    speculative: bool = False  # each step also carries a draft of the token after (the MTP module's)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     generated: list[int] = field(default_factory=list)
-    fed: int = 0  # positions the model's KV caches hold for this request
+    fed: int = 0  # positions the model's KV caches hold verified tokens at for this request
+    draft: list[int] = field(default_factory=list)  # drafts after the last token, for the next step to verify
+    draft_probs: list[np.ndarray] = field(default_factory=list)  # the distribution each draft was drawn from
     stats: GenerationStats = field(default_factory=GenerationStats)
     cancelled: bool = False  # its consumer went away
     context: int = 0  # positions the model holds (set by start)
@@ -182,12 +248,44 @@ class Request:
     def length(self) -> int:
         return len(self.prompt) + len(self.generated)
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Its tokens (the prompt, then those generated) at positions start..end-1."""
+        n = len(self.prompt)
+        return self.prompt[start:end] + self.generated[max(start - n, 0) : max(end - n, 0)]
+
     @property
     def unfed(self) -> list[int]:
         """The tokens the model's caches do not hold yet (the prompt and tokens so far after a replay)."""
-        if self.fed >= len(self.prompt):
-            return self.generated[self.fed - len(self.prompt) :]
-        return self.prompt[self.fed :] + self.generated
+        return self.tokens(self.fed, self.length)
+
+    @property
+    def pending(self) -> list[int]:
+        """What its next step feeds from position `fed`: the unfed tokens, then the drafts."""
+        return self.unfed + self.draft
+
+    def replay(self) -> None:
+        """The model's caches were lost: feed everything again from position 0, drafting anew."""
+        self.fed = 0
+        self.draft, self.draft_probs = [], []
+
+    def propose(self, logits: np.ndarray) -> None:
+        """Draft the token after its last one from a draft model's logits, drawn as the request samples."""
+        q = probabilities(logits, self.sampling)
+        self.draft, self.draft_probs = [draw(q, self.rng)], [q]
+
+    def accept(self, logits: np.ndarray, now: float | None = None) -> list[int]:
+        """After a step that fed all of `pending`: `logits` are the model's at the last unfed token and at each
+        draft ([1 + drafts, vocab]; [vocab] without drafts). Keeps the drafts `verify` accepts and one token
+        more, moves `fed` past the positions that hold verified tokens (the caches' rows after them are
+        overwritten by the next step), and adds the tokens; returns those kept (see `add`)."""
+        kept, token = verify(self.draft, self.draft_probs, np.atleast_2d(logits), self.sampling, self.rng)
+        tokens = self.draft[:kept] + [token]
+        self.fed = self.length + kept
+        self.stats.steps += 1
+        self.stats.drafted += len(self.draft)
+        self.stats.accepted += kept
+        self.draft, self.draft_probs = [], []
+        return self.add(tokens, now)
 
     def add(self, tokens: list[int], now: float | None = None) -> list[int]:
         """Append sampled tokens up to the one that ends the request (an EOS, the token completing a stop
@@ -216,11 +314,12 @@ class Request:
         return kept
 
 
-def generate_tokens(step: StepFn, req: Request) -> Iterator[int]:
-    """Run a started request to its end on `step`, one token per step, yielding each new token id as it is
-    kept (an EOS, or the token completing a stop string, included)."""
+def generate_tokens(step: StepFn, req: Request, draft: DraftFn | None = None) -> Iterator[int]:
+    """Run a started request to its end on `step`, yielding each new token id as it is kept. Each step feeds the
+    request's pending tokens; with `draft`, which sets the drafts for the next step, those ride along and are
+    verified (`Request.accept`)."""
     while not req.finished:
-        ids = req.unfed
-        logits = step(ids, req.fed)
-        req.fed += len(ids)
-        yield from req.add([sample(logits, req.sampling, req.rng)])
+        logits = step(req.pending, req.fed)
+        yield from req.accept(logits)
+        if draft is not None and not req.finished:
+            draft(req)

@@ -205,9 +205,7 @@ class Transformer:
 
     def forward(self, x: Any, segments: list[Segment], layers: Iterable[int] | None = None) -> Any:
         """Run hidden states [tokens, hidden] through the held layers (or `layers`), writing the KV cache."""
-        for s in segments:
-            if s.start > s.cache.length:
-                raise ValueError(f"step starts at position {s.start} but the cache holds only {s.cache.length} tokens")
+        _open(segments)
         step = self.backend.step(segments)
         for layer in self.layers if layers is None else layers:
             x = self._block(self.blocks[layer], x, step)
@@ -216,18 +214,28 @@ class Transformer:
         self.backend.release_scratch(sum(s.length for s in segments))
         return x
 
+    def final_norm(self, x: Any) -> Any:
+        return self.backend.rms_norm(x, self.norm, self.args.rms_norm_eps)
+
+    def lm_logits(self, h: Any) -> Any:
+        """Logits from normed final hidden states."""
+        return self.backend.linear(h, self.lm_head)
+
     def head(self, x: Any) -> tuple[Any, Any]:
         """Final norm and lm_head: returns (normed hidden state, logits)."""
-        h = self.backend.rms_norm(x, self.norm, self.args.rms_norm_eps)
-        return h, self.backend.linear(h, self.lm_head)
+        h = self.final_norm(x)
+        return h, self.lm_logits(h)
 
-    def mtp_logits(self, hidden: Any, next_ids: list[int], segments: list[Segment], depth: int = 0) -> tuple[Any, Any]:
+    def mtp_logits(self, hidden: Any, next_ids: list[int], segments: list[Segment], depth: int = 0,
+                   rows: list[int] | None = None) -> tuple[Any, Any]:
         """MTP draft: `hidden` [tokens, hidden] are the main model's normed final states at positions p, and
-        next_ids the tokens at p+1; returns (MTP hidden state, logits for the tokens at p+2). The segments give
-        positions p and the MTP layer's own KV cache. As in vLLM, the embedding at position 0 is zeroed."""
+        next_ids the tokens at p+1; returns (MTP hidden state, logits for the tokens at p+2, of `rows` only
+        when given). The segments give positions p and the MTP layer's own KV cache. As in vLLM, the embedding
+        at position 0 is zeroed."""
         if depth >= len(self.mtp):
             raise ValueError(f"this checkpoint has {len(self.mtp)} MTP layer(s) loaded; depth {depth} is not available")
         m, b, eps = self.mtp[depth], self.backend, self.args.rms_norm_eps
+        _open(segments)
         e = self.embed(next_ids)
         offset = 0
         for s in segments:
@@ -239,7 +247,8 @@ class Transformer:
         x = self._block(m.block, x, step)
         for s in segments:
             s.cache.length = s.start + s.length
-        return x, b.linear(b.rms_norm(x, m.norm, eps), m.head)
+        y = x if rows is None else x[b.tokens(rows)]
+        return x, b.linear(b.rms_norm(y, m.norm, eps), m.head)
 
     def _block(self, blk: Block, x: Any, step: Any) -> Any:
         b, eps = self.backend, self.args.rms_norm_eps
@@ -262,6 +271,15 @@ class Transformer:
             stats.add(layer, row)
             stats.tokens = max(stats.tokens, sum(row) // max(self.args.num_experts_per_tok, 1))
         return stats
+
+
+def _open(segments: list[Segment]) -> None:
+    """Each segment writes its cache from `start` on: a start below the cache's length rolls it back to there
+    first (rejected speculative tokens), one beyond it is refused."""
+    for s in segments:
+        if s.start > s.cache.length:
+            raise ValueError(f"step starts at position {s.start} but the cache holds only {s.cache.length} tokens")
+        s.cache.truncate(s.start)
 
 
 def _leaves(obj: Any) -> Iterable[Any]:
