@@ -4,6 +4,7 @@ that defines the floor, and where results go."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -11,10 +12,13 @@ from pathlib import Path
 import torch
 
 from moemesh.demo import DEMO_CONFIG, write_random_checkpoint
+from moemesh.kernels.cpu_ext import ISA_LEVELS, requested_isa
 from moemesh.spec.config import args_from_dict
 from moemesh.spec.sizes import model_sizes, weight_format
 
 RESULTS = Path(__file__).parent / "results"
+# --isa: a CPU kernel level (MOEMESH_CPU_ISA), or "torch": no kernels (MOEMESH_CPU_KERNELS=0), torch's ops alone.
+ISA_CHOICES = (*ISA_LEVELS, "torch")
 
 # hidden 1024, 8 layers (1 dense + 7 MoE), 32 experts top-4 + 1 shared: a few hundred MB read per token,
 # far more than the caches hold, so decoding is bound by memory bandwidth.
@@ -63,6 +67,22 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def add_isa_option(ap) -> None:
+    ap.add_argument("--isa", nargs="+", choices=ISA_CHOICES, default=None,
+                    help="CPU kernel levels to measure, each in its own processes, in one run (default: the level "
+                         "this machine picks); 'torch' = no kernels")
+
+
+def isa_levels(chosen: list[str] | None) -> list[str]:
+    return chosen or [requested_isa()]
+
+
+def isa_env(level: str) -> dict[str, str]:
+    """The environment of a measuring subprocess at `level`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MOEMESH_CPU_ISA", "MOEMESH_CPU_KERNELS")}
+    return env | ({"MOEMESH_CPU_KERNELS": "0"} if level == "torch" else {"MOEMESH_CPU_ISA": level})
 
 
 def save(name: str, result: dict) -> Path:

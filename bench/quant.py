@@ -3,9 +3,13 @@ weight bytes in memory (and the resident memory loading and decoding added — t
 plus all new anonymous memory — against the checkpoint's bytes), decode
 matmul throughput on a 4096x4096 weight, model decode tokens/s, and top-1 / KL of the logits against bf16.
 Writes bench/results/quant.json and prints ratios against bf16: decode speed against bf16 is the median over
-rounds of each round's own ratio, since a machine's memory bandwidth can drift between rounds.
+rounds of each round's own ratio, since a machine's memory bandwidth can drift between rounds. Decode's share of
+the floor: tokens/s against the read bandwidth measured in the run over the format's bytes read per token.
 
-    python bench/quant.py [--threads 2] [--tokens 64] [--rounds 3] [--config v3-shaped|small]
+    python bench/quant.py [--threads 2] [--tokens 64] [--rounds 3] [--config v3-shaped|small] [--isa avx2 avx512]
+
+--isa measures each CPU kernel level given (MOEMESH_CPU_ISA; 'torch': no kernels) in the same run: every round
+runs each level's formats back to back, so each level's ratios pair runs that saw one machine state.
 
 The default checkpoint has DeepSeek-V3's per-token make-up (bench/common.py: V3_SHAPED_CONFIG); `small` is
 the single-node benchmark's, whose small layers and large lm_head make fixed per-layer costs and the
@@ -28,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BENCH_CONFIG, V3_SHAPED_CONFIG, active_bytes_per_token, read_bandwidth  # noqa: E402
+from common import (BENCH_CONFIG, V3_SHAPED_CONFIG, active_bytes_per_token, add_isa_option, isa_env,  # noqa: E402
+                    isa_levels, read_bandwidth)
 
 from moemesh.demo import write_random_checkpoint  # noqa: E402
 from moemesh.kernels.formats import fp8_quantize  # noqa: E402
@@ -141,14 +146,14 @@ def measure(fmt: str, path: Path, tokens: int, reference: Path) -> dict:
     import numpy as np
 
     import moemesh
-    from moemesh.kernels.cpu_ext import cpu_kernels
+    from moemesh.kernels.cpu_ext import cpu_isa
     from moemesh.spec.sizes import model_sizes, weight_format
 
-    cpu_kernels()  # built (or loaded) before the memory baseline, as are the modules loading imports
+    kernels = cpu_isa()  # built (or loaded) before the memory baseline, as are the modules loading imports
     import moemesh.model.engine  # noqa: F401
     before = rss(path)
     engine = moemesh.load(path, dtype="bfloat16")
-    predicted = model_sizes(engine.args, weight_format(fmt, engine.args, group_size=64)).weight_bytes
+    sizes = model_sizes(engine.args, weight_format(fmt, engine.args, group_size=64))
     engine.generate(PROMPT, max_new_tokens=4)  # warm up
     rates = []
     for _ in range(3):
@@ -157,7 +162,8 @@ def measure(fmt: str, path: Path, tokens: int, reference: Path) -> dict:
     grown = growth(before, path)  # weights (every expert has been used by now) and decode's working set
     ids = torch.randint(0, engine.args.vocab_size, EVAL, generator=torch.Generator().manual_seed(1))
     logits = engine.logits(ids).float()
-    result = {"format": fmt, "weight_bytes": engine.weight_bytes, "planner_bytes": predicted,
+    result = {"format": fmt, "kernels": kernels or "torch", "weight_bytes": engine.weight_bytes,
+              "planner_bytes": sizes.weight_bytes, "read_bytes_per_token": sizes.read_bytes_per_token,
               "checkpoint_bytes": checkpoint_bytes(path), "rss_growth_bytes": grown,
               "rss_growth_after_300_position_prefill_bytes": growth(before, path),
               "decode_tokens_per_s": max(rates), "matmul_4096": matmul_throughput(fmt, engine.args)}
@@ -212,6 +218,7 @@ def main() -> None:
     ap.add_argument("--config", choices=CONFIGS, default="v3-shaped", help="the checkpoint's shape (see above)")
     ap.add_argument("--dir", type=Path, default=None, help="where the checkpoints are built (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant.json")
+    add_isa_option(ap)
     ap.add_argument("--measure", nargs=3, metavar=("FORMAT", "PATH", "REFERENCE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -219,50 +226,64 @@ def main() -> None:
         fmt, path, reference = a.measure
         print(json.dumps(measure(fmt, Path(path), a.tokens, Path(reference))))
         return
+    levels = isa_levels(a.isa)
+    bandwidth = [read_bandwidth(a.threads)]  # and again at the end: the floor takes the better one
     with tempfile.TemporaryDirectory() as tmp:
         root = (a.dir or Path(tmp)) / a.config
         paths = checkpoints(root, CONFIGS[a.config])
         reference = root / "bf16_logits.npy"
-        results, rates = {}, {fmt: [] for fmt in FORMATS}
-        for round in range(a.rounds):  # formats interleaved: memory bandwidth can drift over minutes
-            for fmt in FORMATS:
-                run = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--tokens", str(a.tokens),
-                                      "--measure", fmt, str(paths[fmt]), str(reference)],
-                                     capture_output=True, text=True, check=True, env=os.environ)
-                result = json.loads(run.stdout.strip().splitlines()[-1])
-                rates[fmt].append(result["decode_tokens_per_s"])
-                results.setdefault(fmt, result)
-                print(f"round {round + 1}: {fmt} {result['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+        results = {level: {} for level in levels}
+        rates = {level: {fmt: [] for fmt in FORMATS} for level in levels}
+        for round in range(a.rounds):  # levels and formats interleaved: memory bandwidth can drift over minutes
+            for level in levels:
+                for fmt in FORMATS:
+                    run = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--tokens", str(a.tokens),
+                                          "--measure", fmt, str(paths[fmt]), str(reference)],
+                                         capture_output=True, text=True, check=True, env=isa_env(level))
+                    result = json.loads(run.stdout.strip().splitlines()[-1])
+                    rates[level][fmt].append(result["decode_tokens_per_s"])
+                    results[level].setdefault(fmt, result)
+                    print(f"round {round + 1}: {level} {fmt} {result['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    bandwidth.append(read_bandwidth(a.threads))
+    floor_bandwidth = max(bandwidth)
+    for level in levels:
         for fmt in FORMATS:  # each format's best round; its speed against bf16 from each round's own pair
-            paired = [rate / base for rate, base in zip(rates[fmt], rates["bf16"])]
-            results[fmt] |= {"decode_tokens_per_s": max(rates[fmt]), "decode_tokens_per_s_rounds": rates[fmt],
-                             "decode_x_bf16_rounds": paired, "decode_x_bf16": statistics.median(paired)}
+            paired = [rate / base for rate, base in zip(rates[level][fmt], rates[level]["bf16"])]
+            r = results[level][fmt]
+            r |= {"decode_tokens_per_s": max(rates[level][fmt]), "decode_tokens_per_s_rounds": rates[level][fmt],
+                  "decode_x_bf16_rounds": paired, "decode_x_bf16": statistics.median(paired),
+                  "floor_tokens_per_s": floor_bandwidth / r["read_bytes_per_token"]}
+            r["decode_share_of_floor"] = r["decode_tokens_per_s"] / r["floor_tokens_per_s"]
     config = CONFIGS[a.config]
     report = {"config_name": a.config, "config": {k: config[k] for k in (
                   "hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
                   "vocab_size")},
               "bf16_bytes_read_per_token": active_bytes_per_token(config),
-              "threads": a.threads, "read_bandwidth_GB_per_s": read_bandwidth(a.threads) / 1e9, "formats": results,
+              "threads": a.threads, "read_bandwidth_GB_per_s": [b / 1e9 for b in bandwidth], "levels": results,
               "torch_alternatives": torch_alternatives()}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2))
-    base = results["bf16"]
     print(f"checkpoint '{a.config}': {report['bf16_bytes_read_per_token'] / 1e6:.0f} MB read per token in bf16; "
-          f"{a.threads} threads; read bandwidth {report['read_bandwidth_GB_per_s']:.1f} GB/s; decode tok/s: the best "
+          f"{a.threads} threads; read bandwidth {bandwidth[0] / 1e9:.1f} GB/s at the start, {bandwidth[1] / 1e9:.1f} at "
+          "the end (the floor: the better one over each format's bytes read per token); decode tok/s: the best "
           "round; its x bf16: the median over rounds of each round's ratio (formats run back to back in a round, "
           "so a round's pair sees one machine state); top-1 / KL against the bf16 model's logits (bf16's row: "
           "against float32, the noise floor)")
-    print(f"{'format':6} {'weights MB':>10} {'x bf16':>7} {'planner':>8} {'RSS/ckpt':>8} {'anon MB':>7} {'matmul GB/s':>11} "
-          f"{'G w/s':>6} {'x bf16':>7} {'decode tok/s':>12} {'x bf16':>7} {'rounds':>17} {'top-1':>6} {'KL':>8}")
-    for fmt, r in results.items():
-        m = r["matmul_4096"]
-        print(f"{fmt:6} {r['weight_bytes'] / 1e6:10.1f} {r['weight_bytes'] / base['weight_bytes']:7.3f} "
-              f"{r['weight_bytes'] / r['planner_bytes']:8.3f} {r['rss_growth_bytes']['model'] / r['checkpoint_bytes']:8.3f} "
-              f"{r['rss_growth_bytes']['RssAnon'] / 1e6:7.1f} "
-              f"{m['GB_per_s']:11.1f} {m['G_weights_per_s']:6.1f} "
-              f"{m['G_weights_per_s'] / base['matmul_4096']['G_weights_per_s']:7.2f} "
-              f"{r['decode_tokens_per_s']:12.1f} {r['decode_x_bf16']:7.2f} "
-              f"{' '.join(f'{x:.2f}' for x in r['decode_x_bf16_rounds']):>17} {r['top1_vs_bf16']:6.3f} {r['kl_vs_bf16']:8.5f}")
+    for level in levels:
+        base = results[level]["bf16"]
+        print(f"\n{level} (kernels: {base['kernels']})")
+        print(f"{'format':6} {'weights MB':>10} {'x bf16':>7} {'planner':>8} {'RSS/ckpt':>8} {'anon MB':>7} "
+              f"{'matmul GB/s':>11} {'G w/s':>6} {'x bf16':>7} {'decode tok/s':>12} {'floor':>6} {'x bf16':>7} "
+              f"{'rounds':>17} {'top-1':>6} {'KL':>8}")
+        for fmt, r in results[level].items():
+            m = r["matmul_4096"]
+            print(f"{fmt:6} {r['weight_bytes'] / 1e6:10.1f} {r['weight_bytes'] / base['weight_bytes']:7.3f} "
+                  f"{r['weight_bytes'] / r['planner_bytes']:8.3f} "
+                  f"{r['rss_growth_bytes']['model'] / r['checkpoint_bytes']:8.3f} {r['rss_growth_bytes']['RssAnon'] / 1e6:7.1f} "
+                  f"{m['GB_per_s']:11.1f} {m['G_weights_per_s']:6.1f} "
+                  f"{m['G_weights_per_s'] / base['matmul_4096']['G_weights_per_s']:7.2f} "
+                  f"{r['decode_tokens_per_s']:12.1f} {r['decode_share_of_floor']:6.0%} {r['decode_x_bf16']:7.2f} "
+                  f"{' '.join(f'{x:.2f}' for x in r['decode_x_bf16_rounds']):>17} {r['top1_vs_bf16']:6.3f} {r['kl_vs_bf16']:8.5f}")
     for name, r in report["torch_alternatives"].items():
         print(f"torch: {name}: " + (f"{r['G_weights_per_s']:.1f} G weights/s" if "error" not in r else r["error"]))
     print(f"wrote {a.out}")

@@ -1,12 +1,15 @@
 """Single-node speed on one memory-bound checkpoint, in one run: moemesh vs transformers' `generate` vs
 mlx-lm's `generate` (the engine exo runs on), same dtype and threads; decode and prefill tokens/s, and
 decode as a share of the floor = this machine's read bandwidth / weight bytes read per token.
-`python bench/single_node.py` -> bench/results/single_node.json"""
+`python bench/single_node.py [--isa avx2 avx512]` -> bench/results/single_node.json; moemesh runs in a subprocess per
+CPU kernel level given (MOEMESH_CPU_ISA; 'torch': no kernels), all in the same run."""
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BENCH_CONFIG, active_bytes_per_token, bench_checkpoint, read_bandwidth, save  # noqa: E402
+from common import (BENCH_CONFIG, active_bytes_per_token, add_isa_option, bench_checkpoint, isa_env,  # noqa: E402
+                    isa_levels, read_bandwidth, save)
 
 import moemesh  # noqa: E402
 
@@ -48,8 +52,20 @@ def bench_moemesh(path: Path, dtype: str, prompt: list[int], new: int, repeats: 
     prefill_s = best(prefill, repeats)
     decode()
     decode_s = min(decode() for _ in range(repeats))
+    from moemesh.kernels.cpu_ext import cpu_isa
+
     return {"prefill_tokens_per_s": len(prompt) / prefill_s, "decode_tokens_per_s": new / decode_s,
-            "kernels": engine.backend.kernels is not None}
+            "kernels": cpu_isa() if engine.backend.kernels is not None else "torch"}
+
+
+def bench_moemesh_at(level: str, opts, dtype: str) -> dict:
+    """bench_moemesh in a subprocess whose kernels are `level`'s."""
+    run = subprocess.run([sys.executable, __file__, "--prompt", str(opts.prompt), "--tokens", str(opts.tokens),
+                          "--repeats", str(opts.repeats), "--threads", str(opts.threads), "--checkpoint",
+                          str(opts.checkpoint), "--measure", dtype], capture_output=True, text=True, env=isa_env(level))
+    if run.returncode:
+        raise RuntimeError(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def bench_transformers(path: Path, dtype: str, prompt: list[int], new: int, repeats: int) -> dict:
@@ -90,10 +106,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--checkpoint", type=Path, default=Path(tempfile.gettempdir()) / "moemesh-bench-ckpt")
+    add_isa_option(ap)
+    ap.add_argument("--measure", metavar="DTYPE", help=argparse.SUPPRESS)
     opts = ap.parse_args()
     torch.set_num_threads(opts.threads)
     path = bench_checkpoint(opts.checkpoint)
     prompt = list(range(100, 100 + opts.prompt))
+    if opts.measure:
+        print(json.dumps(bench_moemesh(path, opts.measure, prompt, opts.tokens, opts.repeats)))
+        return
+    engines = [(f"moemesh {level}", lambda p, d, pr, n, r, level=level: bench_moemesh_at(level, opts, d))
+               for level in isa_levels(opts.isa)]
     bandwidth = read_bandwidth(opts.threads)  # measured again at the end: the floor uses the better one
     runs = {}
     for dtype in opts.dtypes:
@@ -103,7 +126,7 @@ def main() -> None:
         print(f"\n{dtype}: {active / 1e6:.0f} MB of weights read per token; read bandwidth {bandwidth / 1e9:.1f} GB/s "
               f"-> floor {floor:.1f} tokens/s")
         rows = {}
-        for name, fn in [("moemesh", bench_moemesh), ("transformers", bench_transformers), ("mlx-lm", bench_mlx_lm)]:
+        for name, fn in [*engines, ("transformers", bench_transformers), ("mlx-lm", bench_mlx_lm)]:
             try:
                 rows[name] = fn(path, dtype, prompt, opts.tokens, opts.repeats)
             except Exception as e:  # a baseline that cannot run this model is reported, not fatal
@@ -114,13 +137,13 @@ def main() -> None:
         base_prefill = rows["transformers"].get("prefill_tokens_per_s")
         for name, r in rows.items():
             if "error" in r:
-                print(f"  {name:12s} could not run: {r['error']}")
+                print(f"  {name:16s} could not run: {r['error']}")
                 continue
             r["decode_share_of_floor"] = r["decode_tokens_per_s"] / floor
             if base:
                 r["decode_vs_transformers"] = r["decode_tokens_per_s"] / base
                 r["prefill_vs_transformers"] = r["prefill_tokens_per_s"] / base_prefill
-            print(f"  {name:12s} decode {r['decode_tokens_per_s']:7.1f} tok/s ({r['decode_share_of_floor']:.0%} of floor, "
+            print(f"  {name:16s} decode {r['decode_tokens_per_s']:7.1f} tok/s ({r['decode_share_of_floor']:.0%} of floor, "
                   f"{r.get('decode_vs_transformers', 0):.2f}x transformers) | prefill {r['prefill_tokens_per_s']:7.1f} "
                   f"tok/s ({r.get('prefill_vs_transformers', 0):.2f}x transformers)")
         runs[dtype] = {"active_bytes_per_token": active, "floor_tokens_per_s": floor, "engines": rows}
@@ -132,7 +155,7 @@ def main() -> None:
             for name, r in run["engines"].items():
                 if "decode_tokens_per_s" in r:
                     r["decode_share_of_floor_at_best_bandwidth"] = r["decode_tokens_per_s"] * run["active_bytes_per_token"] / after
-                    print(f"  {dtype} {name:12s} {r['decode_share_of_floor_at_best_bandwidth']:.0%}")
+                    print(f"  {dtype} {name:16s} {r['decode_share_of_floor_at_best_bandwidth']:.0%}")
     out = save("single_node", {"checkpoint": BENCH_CONFIG, "read_bandwidth": bandwidth,
                                "read_bandwidth_at_end": after, "prompt_tokens": opts.prompt,
                                "new_tokens": opts.tokens, "runs": runs})

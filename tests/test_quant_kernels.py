@@ -1,18 +1,19 @@
-"""The quantized-weight kernels (csrc/quant.cpp) against the dequantize-then-multiply they replace: FP8 e4m3
-byte by byte (subnormals included), int4/int8 for every group size on awkward shapes, fused MLP and experts,
-a whole quantized bf16 model with and without the kernels, and torch's FP8 matmul where a Hopper GPU is."""
+"""The quantized-weight kernels (csrc/quant.cpp, quant_avx2.h) against the dequantize-then-multiply they replace:
+FP8 e4m3 byte by byte (subnormals included), int4/int8 for every group size on awkward shapes, fused MLP and
+experts, whole FP8 and int4/int8 bf16 models with and without the kernels, and torch's FP8 matmul where a Hopper
+GPU is. The kernel tests run at each instruction-set level this CPU offers (test_isa.py's `level`)."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_isa import kernels, level  # noqa: F401 (fixtures)
 from test_quantization import DIMS
 
 import moemesh
 from moemesh.kernels.affine import AffineWeight, affine_embed, lanes_fit, to_lanes
 from moemesh.kernels.base import MlpWeights, MoeWeights
-from moemesh.kernels.cpu_ext import cpu_kernels
 from moemesh.kernels.fp8 import Fp8Weight, dequantize as fp8_dequantize, scaled_mm_linear, scaled_mm_supported
 from moemesh.kernels.quant_ops import kernel_args
 from moemesh.kernels.torch_backend import TorchBackend
@@ -21,8 +22,6 @@ from moemesh.spec.config import args_from_dict
 from moemesh.model.model import _leaves
 from moemesh.quantize import Recipe, convert
 
-kernels = cpu_kernels()
-needs_kernels = pytest.mark.skipif(kernels is None, reason="the CPU kernels could not be built on this machine")
 gen = torch.Generator().manual_seed(0)
 
 
@@ -70,8 +69,7 @@ def close(got: torch.Tensor, want: torch.Tensor, k: int) -> bool:
     return bool(((got.float() - want).abs() <= 2**-8 * want.abs() + 1e-5 * k**0.5 * want.abs().max()).all())
 
 
-@needs_kernels
-def test_fp8_bytes_decode_exactly():
+def test_fp8_bytes_decode_exactly(kernels):
     """All 256 encodings through the decode kernel (x = one-hot) and the tile dequantizer, against e4m3_value."""
     table = torch.tensor([e4m3_value(b) for b in range(256)])
     q = torch.arange(256, dtype=torch.uint8).view(2, 128)
@@ -90,21 +88,19 @@ def test_fp8_bytes_decode_exactly():
     assert torch.equal(got, table[q.long()].bfloat16().float())
 
 
-@needs_kernels
 @pytest.mark.parametrize("m", [1, 3, 5, 8])
 @pytest.mark.parametrize("shape", [(300, 200), (130, 1000), (4, 72), (257, 128)])
-def test_fp8_linear(m, shape):
+def test_fp8_linear(kernels, m, shape):
     x = torch.randn(m, shape[1], generator=gen).bfloat16()
     for normals_only in (False, True):
         w = fp8_weight(*shape, normals_only)
         assert close(kernels.linear_q(x, kernel_args(w)), x.float() @ dense(w).T, shape[1])
 
 
-@needs_kernels
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("m", [1, 2, 4, 7])
-def test_affine_linear(bits, group, m):
+def test_affine_linear(kernels, bits, group, m):
     for out, inp in ((37, 256), (70, 3 * group), (5, group), (130, 2048 + group)):
         w = affine(out, inp, bits, group)
         x = torch.randn(m, inp, generator=gen).bfloat16()
@@ -114,11 +110,10 @@ def test_affine_linear(bits, group, m):
         assert torch.equal(tile, dense(w).bfloat16())
 
 
-@needs_kernels
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("m", [1, 2, 5])
-def test_lane_major_layout(bits, group, m):
+def test_lane_major_layout(kernels, bits, group, m):
     """Weights of whole 16-group spans, held in the kernels' lane-major byte order: the same weight (words, dense,
     dequantized tiles) and the same products as the MLX layout — whole rows per span, or spans across rows (2 or
     8 rows per span, or 12 and 24 groups per row, which cross at 4 or 8 lanes)."""
@@ -141,9 +136,8 @@ def test_lane_major_layout(bits, group, m):
         to_lanes(affine(40, 2 * group, bits, group)).rows(4, 12)
 
 
-@needs_kernels
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_lane_major_heads(group):
+def test_lane_major_heads(kernels, group):
     """Per-head products over stacked heads held lane-major, as MLA's W_UK (128 inputs: 1-4 groups per row, many rows
     per span) and W_UV are; a head that would cut a span is refused."""
     heads, n = 4, 2
@@ -172,10 +166,9 @@ def test_huge_page_arena_hands_out_separate_aligned_tensors():
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
 
 
-@needs_kernels
-def test_backend_holds_whole_span_weights_lane_major():
-    """linear_weight repacks what the kernels can take lane-major (and only where they run); experts, MLPs and
-    embedding rows read it back right, decode and prefill."""
+def test_backend_holds_whole_span_weights_lane_major(level):
+    """linear_weight repacks what the kernels can take lane-major (and only where their vector code runs); experts,
+    MLPs and embedding rows read it back right, decode and prefill."""
     from moemesh.kernels.formats import AffineScales
 
     args = args_from_dict(dict(model_type="deepseek_v3", vocab_size=64, hidden_size=512, intermediate_size=128,
@@ -192,7 +185,7 @@ def test_backend_holds_whole_span_weights_lane_major():
     for b in (fast, plain):  # the same weights for both
         gen.set_state(state)
         held[b] = [load(b, 512, 512, 32), load(b, 512, 512, 64), load(b, 512, 1024, 64), load(b, 512, 512, 32)]
-    assert all(w.lanes for w in held[fast]) and not any(w.lanes for w in held[plain])
+    assert all(w.lanes == (level != "scalar") for w in held[fast]) and not any(w.lanes for w in held[plain])
     for table in (0, 1):  # 16 groups per row, and 8 (two rows per span)
         for ids in ([5, 300, 5], list(range(0, 512, 40))):  # decode rows (C++), prefill rows (torch)
             want = fast.embed(held[plain][table], torch.tensor(ids))
@@ -203,8 +196,7 @@ def test_backend_holds_whole_span_weights_lane_major():
     assert ((fast.mlp(mlp[fast], x).float() - want).abs() <= 0.02 * want.abs().max()).all()
 
 
-@needs_kernels
-def test_fused_mlp_and_experts_match_the_unfused_path():
+def test_fused_mlp_and_experts_match_the_unfused_path(level):
     args = args_from_dict(dict(model_type="deepseek_v3", vocab_size=64, hidden_size=256, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=32, q_lora_rank=None,
                                qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, moe_intermediate_size=128,
@@ -225,9 +217,8 @@ def test_fused_mlp_and_experts_match_the_unfused_path():
     assert ((fast.experts(moe, x, ids, weights).float() - want).abs() <= 0.02 * want.abs().max()).all()
 
 
-@needs_kernels
 @pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (8, 32), ("fp8", 128)])
-def test_packed_heads_in_mla_decode(bits, group):
+def test_packed_heads_in_mla_decode(level, bits, group):
     """MLA's W_UK and W_UV packed as mlx-lm stores them (`embed_q`, `unembed_out`), or FP8 (kv_b_proj's 128x128
     blocks, the key half transposed block by block): the decode kernel against torch's attention over the
     dequantized heads. Cache rows must agree to bf16 rounding (kv_a's matmul sums in another order here)."""
@@ -281,14 +272,14 @@ def test_packed_heads_in_mla_decode(bits, group):
         assert ((out[fast].float() - want).abs() <= 0.02 * want.abs().max()).all()
 
 
-@needs_kernels
 @pytest.mark.parametrize("bits, group, dims", [(4, 64, {}), (8, 32, {}),
                                                (4, 32, dict(hidden_size=512, moe_intermediate_size=512)),
                                                (8, 64, dict(hidden_size=1024, moe_intermediate_size=1024))])
-def test_quantized_bf16_model_with_and_without_kernels(tmp_path, bits, group, dims):
+def test_quantized_bf16_model_with_and_without_kernels(tmp_path, level, bits, group, dims):
     """Decode steps (kernels) and prefill (kernel-dequantized tiles) against torch's dequantize-and-multiply.
     With groups of 32 every MLA head weight is packed too; with 64, W_UK (32 wide) stays dense (as mlx-lm does).
-    Every packed weight is held lane-major: at the small widths its spans cross rows."""
+    Every packed weight is held lane-major where the vector kernels run: at the small widths its spans cross rows.
+    At the scalar level torch multiplies dequantized bands."""
     from test_quantization import hf_checkpoint
 
     convert(hf_checkpoint(tmp_path / "hf", **dims), tmp_path / "q", Recipe(bits=bits, group_size=group))
@@ -296,7 +287,8 @@ def test_quantized_bf16_model_with_and_without_kernels(tmp_path, bits, group, di
     plain = moemesh.load(tmp_path / "q", dtype="bfloat16")
     plain.backend.kernels = None
     packed = [w for w in _leaves(fast.model.blocks) if isinstance(w, AffineWeight)]
-    assert fast.model.lm_head.lanes and packed and all(w.lanes for w in packed)
+    vector = level != "scalar"
+    assert fast.model.lm_head.lanes == vector and packed and all(w.lanes == vector for w in packed)
     ids = torch.randint(0, DIMS["vocab_size"], (30,), generator=gen).tolist()
     step = fast.step_fn(fast.new_cache())
     got = torch.stack([torch.from_numpy(step(ids[:12], 0))] + [torch.from_numpy(step([t], 12 + i))
@@ -310,6 +302,27 @@ def test_quantized_bf16_model_with_and_without_kernels(tmp_path, bits, group, di
     # typical position, its mean inside the bf16 model's own distance from float32.
     bf16_noise = (want - moemesh.load(tmp_path / "q", dtype="float32").logits([ids])[0, 11:]).abs().mean()
     assert err.max(1).values.median() <= 0.05 * want.abs().max() and err.mean(1).median() <= 0.75 * bf16_noise
+
+
+def test_fp8_bf16_model_with_and_without_kernels(tmp_path, level):
+    """An official-format FP8 checkpoint (128x128 blocks, partial at the edges): decode steps through the kernels
+    (MoE and attention blocks, FP8 W_UK / W_UV included) against torch's dequantize-and-multiply."""
+    from hf_reference import SHAPES, build_checkpoint, convert_to_fp8, make_config
+
+    config = make_config(**SHAPES["base"])
+    build_checkpoint(tmp_path / "hf", config, seed=5)
+    convert_to_fp8(tmp_path / "hf", tmp_path / "fp8")
+    fast = moemesh.load(tmp_path / "fp8", dtype="bfloat16")
+    plain = moemesh.load(tmp_path / "fp8", dtype="bfloat16")
+    plain.backend.kernels = None
+    assert any(isinstance(w, Fp8Weight) for w in _leaves(fast.model.blocks))
+    ids = torch.randint(0, config.vocab_size, (30,), generator=gen).tolist()
+    step = fast.step_fn(fast.new_cache())
+    got = torch.stack([torch.from_numpy(step(ids[:12], 0))] + [torch.from_numpy(step([t], 12 + i))
+                                                                 for i, t in enumerate(ids[12:])])
+    want = plain.logits([ids])[0, 11:]
+    err = (got - want).abs()
+    assert err.max() <= 0.05 * want.abs().max() and err.mean() <= 0.01 * want.abs().mean()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

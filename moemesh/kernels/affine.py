@@ -1,11 +1,11 @@
 """MLX affine int4/int8 weights (docs/formats.md; packing and quantizing in `formats.py`) on the torch backend.
 
-They stay packed in memory. Decode steps run our C++ kernel (csrc/quant.cpp), which multiplies the
-packed values directly; everything else dequantizes a band of rows at a time and calls torch's matmul,
-so no full-size float copy of the weight ever exists. Where that kernel runs, the torch backend holds
-the weights in a lane-major order (`to_lanes`): the same words, transposed within each span of 16 groups,
-so that the kernel applies a span's 16 scales once instead of permuting them per chunk; `words` gives them
-back in MLX order.
+They stay packed in memory. Decode steps run our C++ kernel (csrc/quant.cpp) where it is vector code,
+which multiplies the packed values directly; everything else dequantizes a band of rows at a time into a
+reused buffer and calls torch's matmul (`bands.py`), so no full-size float copy of the weight ever exists.
+Where that kernel runs, the torch backend holds the weights in a lane-major order (`to_lanes`): the same
+words, transposed within each span of 16 groups, so that the kernel applies a span's 16 scales once instead
+of permuting them per chunk; `words` gives them back in MLX order.
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
+from .bands import band_rows, banded_linear, scratch
 from .formats import AffineScales, dequantize
-
-_BAND_ROWS = 512  # rows dequantized at once: bounds the temporary copy
 
 
 @dataclass
@@ -102,13 +100,28 @@ def to_dense(w: AffineWeight, dtype: torch.dtype) -> torch.Tensor:
     return dequantize(w.words(), w.format, dtype)
 
 
+def dequantize_into(w: AffineWeight, out: torch.Tensor) -> None:
+    """out [rows, in] = w dequantized as `dequantize` does it (q * s + b in float32, rounded once to out's dtype),
+    through this thread's reused scratch rather than fresh temporaries."""
+    words = w.words()
+    rows, per_word, g = words.shape[0], 32 // w.bits, w.group_size
+    q = scratch("q", words.numel() * per_word, torch.int32, words.device).view(rows, -1, per_word)
+    torch.bitwise_right_shift(words.unsqueeze(-1), _shifts(w.bits, words.device), out=q)
+    q.bitwise_and_((1 << w.bits) - 1)
+    f = scratch("f", q.numel(), torch.float32, words.device).view(rows, -1, g)
+    f.copy_(q.view(rows, -1, g))
+    f.mul_(w.scales.unsqueeze(-1)).add_(w.biases.unsqueeze(-1))
+    out.view(rows, -1, g).copy_(f)
+
+
+def _shifts(bits: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, 32, bits, dtype=torch.int32, device=device)
+
+
 def affine_linear(x: torch.Tensor, w: AffineWeight) -> torch.Tensor:
-    """x @ W.T with W dequantized one band of rows at a time (any dtype, any device)."""
-    out = w.weight.shape[0]
-    if out <= _BAND_ROWS:
-        return F.linear(x, to_dense(w, x.dtype))
-    return torch.cat([F.linear(x, to_dense(w.rows(r, min(r + _BAND_ROWS, out)), x.dtype))
-                      for r in range(0, out, _BAND_ROWS)], dim=-1)
+    """x @ W.T with W dequantized one band of rows at a time into a reused buffer (any dtype, any device)."""
+    return banded_linear(x, w.shape[0], band_rows(x.numel() // x.shape[-1], x.shape[-1]),
+                         lambda start, stop, band: dequantize_into(w.rows(start, stop), band))
 
 
 def affine_embed(table: AffineWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

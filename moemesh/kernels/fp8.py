@@ -1,7 +1,8 @@
 """FP8 e4m3 weights with block scales (the official DeepSeek-V3 checkpoint format; docs/formats.md), kept
 FP8 in memory. No full-size copy of the weight ever exists: on CPU, decode
-steps run csrc/quant.cpp's kernel on the FP8 bytes; otherwise the matmul dequantizes a band of rows at a
-time (here, or in that kernel), or runs torch's blockwise-scaled FP8 matmul on Hopper GPUs.
+steps run csrc/quant.cpp's kernel on the FP8 bytes where it is vector code; otherwise the matmul dequantizes
+a band of rows at a time into a reused buffer (here, or in that kernel; `bands.py`), or runs torch's
+blockwise-scaled FP8 matmul on Hopper GPUs.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ..spec.formats import FP8_BLOCK, FP8_E4M3_MAX
+from .bands import band_rows, banded_linear, scratch
 from .formats import fp8_dequantize
-
-# Rows dequantized at once: bounds the temporary copy to ~this many rows of the weight.
-_BAND_ROWS = 512
 
 
 @dataclass
@@ -60,15 +59,23 @@ def dequantize(w: Fp8Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor
     return fp8_dequantize(w.weight, w.scale_inv, w.block, dtype)
 
 
+def dequantize_into(w: Fp8Weight, out: torch.Tensor) -> None:
+    """out [rows, in] = w dequantized as `fp8_dequantize` does it (float32 math, rounded once to out's dtype),
+    through this thread's reused scratch rather than fresh temporaries."""
+    (rows, cols), (b0, b1) = w.weight.shape, w.block
+    f = scratch("f", rows * cols, torch.float32, w.weight.device).view(rows, cols)
+    f.copy_(w.weight)
+    if rows % b0 == 0 and cols % b1 == 0:
+        f.view(rows // b0, b0, cols // b1, b1).mul_(w.scale_inv[:, None, :, None])
+    else:
+        f.mul_(w.scale_inv.repeat_interleave(b0, dim=0)[:rows].repeat_interleave(b1, dim=1)[:, :cols])
+    out.copy_(f)
+
+
 def fp8_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
-    """x @ W.T with W dequantized one band of rows at a time."""
-    out = w.weight.shape[0]
-    band = max(_BAND_ROWS // w.block[0], 1) * w.block[0]
-    if out <= band:
-        return torch.nn.functional.linear(x, dequantize(w, x.dtype))
-    parts = [torch.nn.functional.linear(x, dequantize(w.rows(r, min(r + band, out)), x.dtype))
-             for r in range(0, out, band)]
-    return torch.cat(parts, dim=-1)
+    """x @ W.T with W dequantized one band of whole block rows at a time into a reused buffer."""
+    return banded_linear(x, w.shape[0], band_rows(x.numel() // x.shape[-1], x.shape[-1], w.block[0]),
+                         lambda start, stop, band: dequantize_into(w.rows(start, stop), band))
 
 
 def scaled_mm_supported(x: torch.Tensor, w: Fp8Weight) -> bool:

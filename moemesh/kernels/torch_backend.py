@@ -23,7 +23,7 @@ from .base import AttentionWeights, MlpWeights, MoeWeights
 from .cpu_ext import cpu_kernels
 from .fp8 import Fp8Weight, dequantize, scaled_mm_linear, scaled_mm_supported, split_kv_b
 from .memory import HugePageArena, page_out
-from .quant_ops import kernel_args, quantized_linear
+from .quant_ops import kernel_args, matmul_args, quantized_linear, vector_level
 
 Weight = torch.Tensor | Fp8Weight | AffineWeight
 HeadsWeight = torch.Tensor | Fp8Weight | AffineWeight  # per head: [heads, out, in], or packed [heads * out, in]
@@ -93,7 +93,8 @@ class TorchBackend:
             raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU")
         self.args = args
         self.dtype = DTYPES[dtype]
-        # Our decode matmuls (few tokens, bf16 weights) where they build; torch's ops otherwise.
+        # Our decode kernels (few tokens, bf16 compute) where they build; torch's ops otherwise. At the scalar level
+        # (cpu_ext.py) they norm, route and dequantize, and torch's matmuls multiply (quant_ops.matmul_args).
         self.kernels = cpu_kernels() if self.device.type == "cpu" and self.dtype == torch.bfloat16 else None
         self._arena = HugePageArena()  # the copies loading makes (CPU)
         self._layers: dict[int, object] = {}  # id(weights) -> their kernels.MoeLayer / MlaLayer, or None (`_layer`)
@@ -109,12 +110,13 @@ class TorchBackend:
     def linear_weight(self, weight: torch.Tensor, scales: torch.Tensor | AffineScales | None, heads: int = 1) -> Weight:
         """Dense weights take the compute dtype; FP8 weights stay FP8 with their block scales; MLX affine
         weights stay packed, their scales and biases in the compute dtype — for the CPU kernels, in their
-        lane-major order (`to_lanes`) where each of the weight's `heads` (stacked row blocks) is whole spans."""
+        lane-major order (`to_lanes`) where they are vector code and each of the weight's `heads` (stacked row
+        blocks) is whole spans."""
         if isinstance(scales, AffineScales):
             w = affine_weight(weight, scales, self.dtype, self.device)
             if self.kernels is None:
                 return w
-            lanes = lanes_fit(w) and w.scales.numel() // heads % 16 == 0
+            lanes = vector_level(self.kernels) and lanes_fit(w) and w.scales.numel() // heads % 16 == 0
             words = (to_lanes(w, self.kernels, self._arena.empty(tuple(w.weight.shape), w.weight.dtype)).weight
                      if lanes else self._held(w.weight))
             held = AffineWeight(words, self._held(w.scales), self._held(w.biases), w.bits, w.group_size, lanes)
@@ -194,7 +196,7 @@ class TorchBackend:
 
     def linear_heads(self, x: torch.Tensor, w: HeadsWeight) -> torch.Tensor:
         """Per-head linear: x [n, heads, in], w [heads, out, in] (or FP8 / packed, heads stacked) -> [n, heads, out]."""
-        args = _head_args(w) if self.kernels is not None and x.shape[0] <= DECODE_TOKENS else None
+        args = _head_args(w, self.kernels) if x.shape[0] <= DECODE_TOKENS else None
         if args is not None:
             return self.kernels.linear_heads_q(x, args)
         if isinstance(w, AffineWeight):
@@ -256,7 +258,7 @@ class TorchBackend:
             y = scaled_mm_linear(x, w)
         elif isinstance(w, (Fp8Weight, AffineWeight)):
             y = quantized_linear(x, w, self.kernels, x.shape[0] <= DECODE_TOKENS)
-        elif self.kernels is not None and x.shape[0] <= DECODE_TOKENS and w.dtype == torch.bfloat16 and x.dim() == 2:
+        elif x.shape[0] <= DECODE_TOKENS and x.dim() == 2 and matmul_args(w, self.kernels) is not None:
             y = self.kernels.linear_bf16(x, w)
         else:
             y = F.linear(x, w)
@@ -294,7 +296,7 @@ class TorchBackend:
 
     def mlp(self, w: MlpWeights, x: torch.Tensor) -> torch.Tensor:
         if self._decode_kernels(x):
-            args = [kernel_args(t) for t in (w.gate, w.up, w.down)]
+            args = [matmul_args(t, self.kernels) for t in (w.gate, w.up, w.down)]
             if None not in args:
                 return self.kernels.mlp_q(x, *args)
         gate_up = self._gate_up(w)
@@ -328,7 +330,8 @@ class TorchBackend:
         """The kernels' view of an attention block (csrc/mla.h), or None: biases, or weights the kernels do not take."""
         a = self.args
         q = [w.q_proj] if w.q_proj is not None else [w.q_a_proj, w.q_b_proj]
-        args = [kernel_args(t) for t in (*q, w.kv_a_proj, w.o_proj)] + [_head_args(w.w_uk), _head_args(w.w_uv)]
+        args = ([matmul_args(t, self.kernels) for t in (*q, w.kv_a_proj, w.o_proj)]
+                + [_head_args(w.w_uk, self.kernels), _head_args(w.w_uv, self.kernels)])
         norms = [t for t in (w.q_a_norm, w.kv_a_norm) if t is not None]
         if (None in args or any(b is not None for b in (w.q_a_bias, w.kv_a_bias, w.o_bias))
                 or any(t.dtype != torch.bfloat16 for t in norms)):
@@ -413,7 +416,7 @@ class TorchBackend:
 
     def _moe_layer(self, w: MoeWeights):
         mlps = [*w.experts.values()] + ([w.shared] if w.shared is not None else [])
-        args = [[kernel_args(m.gate), kernel_args(m.up), kernel_args(m.down)] for m in mlps]
+        args = [[matmul_args(t, self.kernels) for t in (m.gate, m.up, m.down)] for m in mlps]
         if any(None in a for a in args):
             return None
         routed = args[: len(w.experts)]
@@ -465,6 +468,6 @@ class TorchBackend:
 _NO_NORM = torch.empty(0, dtype=torch.bfloat16)
 
 
-def _head_args(w: HeadsWeight) -> tuple | None:
-    """The kernels' view of per-head weights: the heads stacked as one [heads * out, in] weight."""
-    return kernel_args(w.view(-1, w.shape[-1]) if isinstance(w, torch.Tensor) else w)
+def _head_args(w: HeadsWeight, kernels) -> tuple | None:
+    """The decode kernels' view of per-head weights: the heads stacked as one [heads * out, in] weight."""
+    return matmul_args(w.view(-1, w.shape[-1]) if isinstance(w, torch.Tensor) else w, kernels)

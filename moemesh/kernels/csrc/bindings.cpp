@@ -10,11 +10,12 @@ torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor linear_q(torch::Tensor x, QArgs weight);
 torch::Tensor linear_heads_q(torch::Tensor x, QArgs weight);
 torch::Tensor mlp_q(torch::Tensor x, QArgs gate, QArgs up, QArgs down);
-torch::Tensor dequantize_q(QArgs weight, int64_t row_begin, int64_t row_end);
+torch::Tensor dequantize_q(QArgs weight, int64_t row_begin, int64_t row_end, std::optional<torch::Tensor> out);
 void to_lanes_q(torch::Tensor words, int64_t bits, int64_t group, torch::Tensor out);
 }  // namespace moemesh
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("isa") = MOEMESH_ISA;  // the level these kernels were compiled for (vec.h)
   m.def("linear_bf16", &moemesh::linear_bf16, "y = x @ w.T for a few bf16 tokens");
   m.def("route_bf16", &moemesh::route_bf16, "DeepSeek-V3 grouped sigmoid routing for a few bf16 tokens");
   m.def("rms_norm_bf16", &moemesh::rms_norm_bf16, "RMSNorm of bf16 rows");
@@ -27,7 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("ids"), py::arg("gates"), py::arg("ups"), py::arg("downs"), py::arg("shared"))
       .def("forward", &moemesh::MoeLayer::forward, "routed (+ shared) experts for a few bf16 tokens",
            py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("with_shared"));
-  m.def("dequantize_q", &moemesh::dequantize_q, "rows of a linear_q weight as bf16");
+  m.def("dequantize_q", &moemesh::dequantize_q, "rows of a linear_q weight as bf16, into out if given",
+        py::arg("weight"), py::arg("row_begin"), py::arg("row_end"), py::arg("out") = py::none());
   m.def("to_lanes_q", &moemesh::to_lanes_q, "out = packed int4/int8 words in the kernels' lane-major layout");
   py::class_<moemesh::MlaLayer>(m, "MlaLayer", py::module_local(), "an attention block held for decode steps")
       .def(py::init<std::vector<moemesh::QArgs>, torch::Tensor, moemesh::QArgs, torch::Tensor, moemesh::QArgs,

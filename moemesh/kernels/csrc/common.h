@@ -1,11 +1,11 @@
 // Shared pieces of the CPU kernels: bf16 <-> float, and the few-token matmul y[M, N] = x[M, K] @ W[N, K]^T
 // that reads each weight row once per pass of up to 4 tokens. Decoding is bound by the bytes of weight
 // read, so these loops are built to stream the weights at the machine's read bandwidth, which torch's bf16
-// matrix-vector product falls short of. Compiled with -march=native at first use (see ../cpu_ext.py).
+// matrix-vector product falls short of. Compiled once per instruction-set level at first use (vec.h, ../cpu_ext.py).
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "vec.h"
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -28,7 +28,7 @@ constexpr int ROWS = 4;  // weight rows per inner pass: 4 streams keep the prefe
 // prefetchers to ramp up within a row, and prefetches into L1 would tie up its few miss buffers.
 constexpr int64_t PREFETCH_ROWS = 8;
 
-#if defined(__AVX512BF16__)
+#if defined(MOEMESH_AVX512)
 // out[0..3] = the horizontal sums of four fp32 vectors.
 inline void reduce4(__m512 a, __m512 b, __m512 c, __m512 d, float* out) {
   auto half = [](__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); };
@@ -57,33 +57,77 @@ void rows_bf16(const uint16_t* x, const uint16_t* w, int64_t K, int rows, float*
   static_assert(ROWS == 4);
   for (int m = 0; m < M; ++m) reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * ROWS);
 }
-#elif defined(__AVX2__) && defined(__FMA__)
-inline __m256 load8_bf16(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-template <int M>
-void rows_bf16(const uint16_t* x, const uint16_t* w, int64_t K, int rows, float* out) {
-  __m256 acc[M][ROWS];
+#elif defined(MOEMESH_AVX2)
+// The 16 bf16 of a 32-byte load as two fp32 vectors: even elements (the low half of each 32-bit lane) shifted
+// up into place, odd ones (the high half, already in place) with the low half cleared. A dot product needs no
+// other order, so the activations split the same way.
+inline __m256 bf16_even(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+inline __m256 bf16_odd(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF0000))); }
+
+// R rows of acc[m][r] += x[m, i:i+32] . w[r, i:i+32]: each token's 32 values are split once and serve the R rows.
+// One token keeps an even and an odd chain per row (8 chains in flight); more tokens one chain per row, and fewer
+// rows per pass, so that the accumulators stay within AVX2's 16 registers. The tail past the last whole 32 is
+// run once more on zero-padded copies.
+template <int M, int R>
+void rows_bf16_pass(const uint16_t* x, const uint16_t* w, int64_t K, int rows, float* out /*[M][ROWS]*/) {
+  constexpr bool two_chains = M == 1;
+  __m256 even[M][R], odd[M][R];
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= K; i += 8) {
-    __m256 wv[ROWS];
-    for (int r = 0; r < ROWS; ++r) wv[r] = r < rows ? load8_bf16(w + r * K + i) : _mm256_setzero_ps();
-    for (int m = 0; m < M; ++m) {
-      const __m256 xv = load8_bf16(x + m * K + i);
-      for (int r = 0; r < ROWS; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+    for (int r = 0; r < R; ++r) even[m][r] = odd[m][r] = _mm256_setzero_ps();
+  const uint16_t* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w + (r < rows ? r : 0) * K;  // rows past `rows` repeat row 0, dropped
+  auto step = [&](const uint16_t* const* wp, const uint16_t* const* xp, int64_t ahead) {
+    for (int h = 0; h < 32; h += 16) {
+      __m256 xe[M], xo[M];
+      for (int m = 0; m < M; ++m) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp[m] + h));
+        xe[m] = bf16_even(v);
+        xo[m] = bf16_odd(v);
+      }
+      for (int r = 0; r < R; ++r) {
+        if (h == 0) _mm_prefetch(reinterpret_cast<const char*>(wp[r] + ahead), _MM_HINT_T1);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[r] + h));
+        const __m256 we = bf16_even(v), wo = bf16_odd(v);
+        for (int m = 0; m < M; ++m) {
+          even[m][r] = _mm256_fmadd_ps(we, xe[m], even[m][r]);
+          __m256& second = two_chains ? odd[m][r] : even[m][r];
+          second = _mm256_fmadd_ps(wo, xo[m], second);
+        }
+      }
     }
+  };
+  int64_t i = 0;
+  for (; i + 32 <= K; i += 32) {
+    const uint16_t *wp[R], *xp[M];
+    for (int r = 0; r < R; ++r) wp[r] = wr[r] + i;
+    for (int m = 0; m < M; ++m) xp[m] = x + m * K + i;
+    step(wp, xp, PREFETCH_ROWS * K);
+  }
+  if (i < K) {
+    alignas(32) uint16_t wt[R][32] = {}, xt[M][32] = {};
+    const uint16_t *wp[R], *xp[M];
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(wt[r], wr[r] + i, (K - i) * 2);
+      wp[r] = wt[r];
+    }
+    for (int m = 0; m < M; ++m) {
+      std::memcpy(xt[m], x + m * K + i, (K - i) * 2);
+      xp[m] = xt[m];
+    }
+    step(wp, xp, 0);
   }
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < ROWS; ++r) {
-      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m][r]), _mm256_extractf128_ps(acc[m][r], 1));
-      s = _mm_hadd_ps(s, s);
-      s = _mm_hadd_ps(s, s);
-      float total = _mm_cvtss_f32(s);
-      for (int64_t j = i; j < K && r < rows; ++j) total += bf16_to_float(w[r * K + j]) * bf16_to_float(x[m * K + j]);
-      out[m * ROWS + r] = total;
-    }
+    for (int r = 0; r < R && r < rows; ++r) out[m * ROWS + r] = sum8(_mm256_add_ps(even[m][r], odd[m][r]));
+}
+
+template <int M>
+void rows_bf16(const uint16_t* x, const uint16_t* w, int64_t K, int rows, float* out /*[M][ROWS]*/) {
+  if constexpr (M <= 2) {
+    rows_bf16_pass<M, ROWS>(x, w, K, rows, out);
+  } else {
+    rows_bf16_pass<M, 2>(x, w, K, std::min(rows, 2), out);
+    if (rows > 2) rows_bf16_pass<M, 2>(x, w + 2 * K, K, rows - 2, out + 2);
+  }
 }
 #else
 template <int M>
@@ -147,42 +191,14 @@ inline void linear_into(const at::BFloat16* x, const at::BFloat16* w, int64_t M,
   });
 }
 
-#if defined(__AVX512F__)
-// e^x, 16 at a time: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (truncation < 1e-8,
-// below fp32's half ulp), times 2^n by VSCALEFPS. x is clamped first to where e^x goes from 0 to inf in fp32,
-// so that r stays small.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: n * hi is exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094173e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
-
-#if defined(__AVX512BF16__)
-inline __m512 load_bf16x16(const at::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline void store_bf16x16(at::BFloat16* p, __m512 v) {  // rounded to nearest even, as at::BFloat16(float)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
-}
-inline __m512 round_bf16x16(__m512 v) {  // v rounded to bf16, kept in fp32: the reference's rounding points
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
-#endif
-
 // g[i] = bf16(bf16(silu(g[i])) * u[i]): SwiGLU with the reference's rounding points (silu output, product).
 inline void swiglu_bf16(at::BFloat16* g, const at::BFloat16* u, int64_t count) {
   int64_t i = 0;
-#if defined(__AVX512BF16__)
+#if defined(MOEMESH_AVX512) || defined(MOEMESH_AVX2)
   for (; i + 16 <= count; i += 16) {
-    const __m512 v = load_bf16x16(g + i);
-    const __m512 silu = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
-    store_bf16x16(g + i, _mm512_mul_ps(round_bf16x16(silu), load_bf16x16(u + i)));
+    const Vec16 v = load_bf16x16(g + i);
+    const Vec16 silu = v / (set16(1.0f) + exp16(zero16() - v));
+    store_bf16x16(g + i, round_bf16x16(silu) * load_bf16x16(u + i));
   }
 #endif
   for (; i < count; ++i) {

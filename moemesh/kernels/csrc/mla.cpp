@@ -61,19 +61,24 @@ inline void attention_scores(const at::BFloat16* q, const at::BFloat16* kv, int6
 constexpr int64_t VALUE_HEADS = 8;  // heads per attention_values tile; its p has whole tiles of heads
 
 // o[h, c] = sum_s p[h, s] * kv[s, c] for c < C (the latent part of each row), in fp32: tiles of 8 heads x 32
-// columns kept in registers (16 accumulators) while the rows stream by, so each row's bf16 -> fp32 conversion
-// serves 8 heads. p has rows for H rounded up to 8 heads (the extra ones zero). This is attention's one fp32
-// product, H x S x C multiply-adds per token, growing with the context.
+// columns (avx512; avx2: 8 columns) kept in registers (16 accumulators; avx2: 8) while the rows stream by, so each
+// row's bf16 -> fp32 conversion serves 8 heads. p has rows for H rounded up to 8 heads (the extra ones zero).
+// This is attention's one fp32 product, H x S x C multiply-adds per token, growing with the context.
 inline void attention_values(const float* p, const at::BFloat16* kv, int64_t H, int64_t S, int64_t W, int64_t C,
                              float* o) {
-  constexpr int64_t HB = VALUE_HEADS, CB = 32;
+#if defined(MOEMESH_AVX512)
+  constexpr int64_t CB = 32;
+#else
+  constexpr int64_t CB = 8;
+#endif
+  constexpr int64_t HB = VALUE_HEADS;
   const int64_t h_tiles = (H + HB - 1) / HB, c_tiles = (C + CB - 1) / CB;
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(kv);
   at::parallel_for(0, h_tiles * c_tiles, 1, [=](int64_t begin, int64_t end) {  // by value: no reloads per row
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t h0 = (tile / c_tiles) * HB, c0 = (tile % c_tiles) * CB;
       const int64_t hb = std::min(HB, H - h0), cb = std::min(CB, C - c0);
-#if defined(__AVX512F__)
+#if defined(MOEMESH_AVX512)
       __m512 acc[HB][2];
       __mmask16 mask[2];
       for (int j = 0; j < 2; ++j) {
@@ -94,14 +99,26 @@ inline void attention_values(const float* p, const at::BFloat16* kv, int64_t H, 
       for (int m = 0; m < HB; ++m)  // constant bounds, so the accumulators can live in registers
         for (int j = 0; j < 2; ++j)
           if (m < hb) _mm512_mask_storeu_ps(o + (h0 + m) * C + c0 + 16 * j, mask[j], acc[m][j]);
-#else
+      continue;
+#elif defined(MOEMESH_AVX2)
+      if (cb == CB) {  // a tile of 8 whole columns; a narrower last tile takes the loop below
+        __m256 acc[HB];
+        for (int m = 0; m < HB; ++m) acc[m] = _mm256_setzero_ps();
+        for (int64_t s = 0; s < S; ++s) {
+          const __m256 row = bf16x8_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + s * W + c0)));
+          for (int m = 0; m < HB; ++m) acc[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + (h0 + m) * S + s), row, acc[m]);
+        }
+        for (int m = 0; m < HB; ++m)
+          if (m < hb) _mm256_storeu_ps(o + (h0 + m) * C + c0, acc[m]);
+        continue;
+      }
+#endif
       for (int64_t m = 0; m < hb; ++m)
         for (int64_t c = 0; c < cb; ++c) {
           float total = 0;
           for (int64_t s = 0; s < S; ++s) total += p[(h0 + m) * S + s] * bf16_to_float(bits[s * W + c0 + c]);
           o[(h0 + m) * C + c0 + c] = total;
         }
-#endif
     }
   });
 }
@@ -109,19 +126,17 @@ inline void attention_values(const float* p, const at::BFloat16* kv, int64_t H, 
 // In place, fp32: scores -> e^(s - max) / sum, one head's row. H x S exponentials per token, growing with the
 // context: vectorized here, and split over heads by the caller.
 inline void softmax(float* sc, int64_t S) {
-#if defined(__AVX512F__)
-  auto mask = [S](int64_t i) { return S - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - i)) - 1); };
-  __m512 top = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
-  for (int64_t i = 0; i < S; i += 16) top = _mm512_mask_max_ps(top, mask(i), top, _mm512_maskz_loadu_ps(mask(i), sc + i));
-  top = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+#if defined(MOEMESH_AVX512) || defined(MOEMESH_AVX2)
+  Vec16 top = set16(-INFINITY), total = zero16();
+  for (int64_t i = 0; i < S; i += 16) top = max(top, load16(sc + i, S - i, -INFINITY));
+  top = set16(max16(top));
   for (int64_t i = 0; i < S; i += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask(i), sc + i), top));
-    _mm512_mask_storeu_ps(sc + i, mask(i), e);
-    total = _mm512_mask_add_ps(total, mask(i), total, e);
+    const Vec16 e = exp16(load16(sc + i, S - i, -INFINITY) - top);  // e^-inf = 0 past S
+    store16(sc + i, e, S - i);
+    total = total + e;
   }
-  total = _mm512_set1_ps(_mm512_reduce_add_ps(total));
-  for (int64_t i = 0; i < S; i += 16)
-    _mm512_mask_storeu_ps(sc + i, mask(i), _mm512_div_ps(_mm512_maskz_loadu_ps(mask(i), sc + i), total));
+  const Vec16 sum = set16(sum16(total));
+  for (int64_t i = 0; i < S; i += 16) store16(sc + i, load16(sc + i, S - i, 0.0f) / sum, S - i);
 #else
   const float top = *std::max_element(sc, sc + S);
   float total = 0;

@@ -30,10 +30,9 @@ void check_mlp(const Expert& e, int64_t D) {
 // dst = bf16(dst + bf16(y * weight)): one expert's term, with the reference's rounding points.
 void add_weighted(at::BFloat16* dst, const at::BFloat16* y, float weight, int64_t D) {
   int64_t i = 0;
-#if defined(__AVX512BF16__)
-  const __m512 w = _mm512_set1_ps(weight);
-  for (; i + 16 <= D; i += 16)
-    store_bf16x16(dst + i, _mm512_add_ps(load_bf16x16(dst + i), round_bf16x16(_mm512_mul_ps(load_bf16x16(y + i), w))));
+#if defined(MOEMESH_AVX512) || defined(MOEMESH_AVX2)
+  const Vec16 w = set16(weight);
+  for (; i + 16 <= D; i += 16) store_bf16x16(dst + i, load_bf16x16(dst + i) + round_bf16x16(load_bf16x16(y + i) * w));
 #endif
   for (; i < D; ++i)
     dst[i] = at::BFloat16(static_cast<float>(dst[i]) + static_cast<float>(at::BFloat16(static_cast<float>(y[i]) * weight)));

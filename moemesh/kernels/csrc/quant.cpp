@@ -1,8 +1,8 @@
 // Decode matmuls that multiply quantized weights as they are stored, for a few bf16 tokens:
 //   FP8 e4m3 with one fp32 scale per 128x128 block (the official DeepSeek-V3 format), and
 //   MLX affine int4 / int8 (uint32 words, first value in the lowest bits; bf16 scale and bias per group).
-// Nothing is dequantized to memory: each 64-byte chunk of a weight row becomes bf16 values in registers
-// and goes through VDPBF16PS with the activations. The conversions are exact:
+// Nothing is dequantized to memory: each 64-byte chunk of a weight row becomes values in registers. At the
+// avx512 level (this file) they are bf16 and go through VDPBF16PS with the activations; the conversions are exact:
 //   e4m3 -> bf16: two byte-table lookups of the 7-bit magnitude (VPERMI2B) and the sign (fp8_to_bf16);
 //     subnormals stay normal numbers in bf16, so VDPBF16PS's flushing of bf16 denormals never touches them.
 //   int4/int8: a nibble q or'ed into 0x4300 is the bf16 number 128 + q, exactly. So one VDPBF16PS gives
@@ -11,8 +11,10 @@
 //     int8 splits each byte into two nibbles (the high one against 16 x): one code path for both.
 //     The kernel reads them in the lane-major layout (quant.h, docs/formats.md), which the torch backend
 //     holds them in.
-// Elsewhere (no AVX512-BF16, for FP8 no AVX512-VBMI, or affine weights in MLX's own byte order) rows are
-// dequantized to fp32 one at a time: correct, slower.
+// At the avx2 level (quant_avx2.h) they become fp32 values, multiplied by FMAs, in the same layout.
+// Elsewhere (the scalar level, or affine weights in MLX's own byte order) rows are dequantized one at a time
+// and multiplied in plain loops: correct, slow; the torch backend does not send quantized weights there
+// (docs/quantization.md, "Dispatch").
 #include "quant.h"
 
 namespace moemesh {
@@ -79,32 +81,91 @@ const Fp8Table fp8_table;
 
 inline float bf(const at::BFloat16& v) { return static_cast<float>(v); }
 
-// One weight row as fp32.
-void dequant_row(const QLinear& w, int64_t row, float* out) {
+// fp32 -> bf16 bits, rounded to nearest even (finite values; as at::BFloat16(float)) in integer steps that
+// compilers vectorize.
+inline uint16_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+inline void put(float* out, int64_t i, float v) { out[i] = v; }
+inline void put(uint16_t* out, int64_t i, float v) { out[i] = bf16_bits(v); }
+
+// One weight row as fp32 or bf16 bits: plain loops over whole groups and blocks, no per-value index arithmetic,
+// so that they vectorize at any level (prefill's tiles, the scalar fallback's bands).
+template <typename Out>
+void dequant_row(const QLinear& w, int64_t row, Out* out) {
   const uint8_t* p = w.w + row * w.row_bytes();
-  switch (w.kind) {
-    case KIND_BF16:
-      for (int64_t i = 0; i < w.K; ++i) out[i] = bf(reinterpret_cast<const at::BFloat16*>(p)[i]);
-      break;
-    case KIND_FP8: {
-      const float* s = w.block_scales + (row / FP8_BLOCK) * w.block_cols;
-      for (int64_t i = 0; i < w.K; ++i) out[i] = fp8_table.value[p[i]] * s[i / FP8_BLOCK];
-      break;
+  if (w.kind == KIND_BF16) {
+    for (int64_t i = 0; i < w.K; ++i) put(out, i, bf16_to_float(reinterpret_cast<const uint16_t*>(p)[i]));
+    return;
+  }
+  if (w.kind == KIND_FP8) {
+    const float* s = w.block_scales + (row / FP8_BLOCK) * w.block_cols;
+    for (int64_t i0 = 0; i0 < w.K; i0 += FP8_BLOCK) {
+      const float scale = s[i0 / FP8_BLOCK];
+      for (int64_t i = i0; i < std::min(w.K, i0 + FP8_BLOCK); ++i) put(out, i, fp8_table.value[p[i]] * scale);
     }
-    default: {
-      const at::BFloat16* s = w.scales + row * w.groups();
-      const at::BFloat16* b = w.biases + row * w.groups();
-      for (int64_t i = 0; i < w.K; ++i) {
-        const int64_t byte = row * w.row_bytes() + (w.kind == KIND_INT4 ? i / 2 : i);  // from the weight's start
-        const uint8_t v = w.w[w.lanes ? lanes_offset(byte, w.group_bytes()) : byte];
-        const int q = w.kind == KIND_INT4 ? (v >> (4 * (i & 1))) & 15 : v;
-        out[i] = q * bf(s[i / w.group]) + bf(b[i / w.group]);
-      }
+    return;
+  }
+  // Affine: group g's words are g * wpg ... in MLX order, or word j of it at span * 16 wpg + 16 j + lane when
+  // lane-major (lanes_offset in quant.h).
+  const int T = w.kind == KIND_INT4 ? 8 : 4, bits = 32 / T;
+  const uint32_t mask = (1u << bits) - 1;
+  const int64_t G = w.groups(), wpg = w.group_bytes() / 4;
+  const auto* words = reinterpret_cast<const uint32_t*>(w.w);
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t at = row * G + g;  // the group's index in the weight
+    const uint32_t* gw = w.lanes ? words + at / 16 * 16 * wpg + at % 16 : words + at * wpg;
+    const int64_t stride = w.lanes ? 16 : 1;
+    const float s = bf(w.scales[at]), b = bf(w.biases[at]);
+    for (int64_t j = 0; j < wpg; ++j) {
+      const uint32_t v = gw[j * stride];
+      for (int t = 0; t < T; ++t) put(out, g * w.group + j * T + t, static_cast<float>((v >> (bits * t)) & mask) * s + b);
     }
   }
 }
 
-#if defined(__AVX512BF16__)
+#if defined(MOEMESH_AVX512) || defined(MOEMESH_AVX2)
+// ROWS rows from r0 of an affine weight: packed bytes, scales, biases. Rows past the weight's end (fewer than
+// ROWS left) repeat row r0; their results are dropped.
+struct AffineRows {
+  const uint8_t* w[ROWS];
+  const uint16_t *s[ROWS], *b[ROWS];
+  AffineRows(const QLinear& q, int64_t r0, int rows) {
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t row = r0 + (r < rows ? r : 0);
+      w[r] = q.w + row * q.row_bytes();
+      s[r] = reinterpret_cast<const uint16_t*>(q.scales) + row * q.groups();
+      b[r] = reinterpret_cast<const uint16_t*>(q.biases) + row * q.groups();
+    }
+  }
+};
+
+// Lane-major activations' group sums: for each token and pattern p, lane l = the sum of x over group (16 p + l) % G,
+// the group that lane multiplies (QLinear::patterns).
+void group_sums_by_lane(const QLinear& w, const uint16_t* x, int64_t M, Acts& acts) {
+  const int64_t G = w.groups(), P = w.patterns();
+  std::vector<float> sums(G);
+  acts.sums.resize(M * P * 16);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {  // the group, a multiple of 16 values
+      Vec16 acc = zero16();
+      for (int64_t i = g * w.group; i < (g + 1) * w.group; i += 16) acc = acc + load_bf16x16(x + m * w.K + i);
+      sums[g] = sum16(acc);
+    }
+    for (int64_t i = 0; i < P * 16; ++i) acts.sums[m * P * 16 + i] = sums[i % G];
+  }
+}
+
+// Bytes ahead of the loads that are prefetched into L2 in the span kernels: the weights stream through once, too
+// fast for the hardware prefetchers to ramp up on an expert's few hundred KB.
+#ifndef SPAN_PREFETCH
+#define SPAN_PREFETCH 4096
+#endif
+#endif
+
+#if defined(MOEMESH_AVX512)
 inline __m512 bf16x16_to_f32(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
 
 // 32 values of x from i on, zeros past K.
@@ -164,16 +225,6 @@ void arrange_lanes(const QLinear& w, const uint16_t* x, uint16_t* const* s) {
     }
 }
 
-// Sum of x per group (x's K a multiple of the group, itself a multiple of 32).
-void group_sums(const uint16_t* x, int64_t K, int64_t group, float* sums) {
-  for (int64_t g = 0; g < K / group; ++g) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = g * group; i < (g + 1) * group; i += 16)
-      acc = _mm512_add_ps(acc, bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
-    sums[g] = _mm512_reduce_add_ps(acc);
-  }
-}
-
 Acts prepare(const QLinear& w, const at::BFloat16* x, int64_t M) {
   Acts acts;
   acts.M = M;
@@ -191,18 +242,9 @@ Acts prepare(const QLinear& w, const at::BFloat16* x, int64_t M) {
     else
       arrange_lanes(w, xb + m * w.K, s);
   }
-  if (w.kind == KIND_FP8) return acts;
-  const int64_t G = w.groups(), P = w.patterns();
-  std::vector<float> sums(G);
-  acts.sums.resize(M * P * 16);
-  for (int64_t m = 0; m < M; ++m) {
-    group_sums(xb + m * w.K, w.K, w.group, sums.data());
-    for (int64_t i = 0; i < P * 16; ++i) acts.sums[m * P * 16 + i] = sums[i % G];  // lane l of pattern p: (16 p + l) % G
-  }
+  if (w.kind != KIND_FP8) group_sums_by_lane(w, xb, M, acts);
   return acts;
 }
-#else
-Acts prepare(const QLinear&, const at::BFloat16* x, int64_t M) { return Acts{M, 0, x}; }
 #endif
 
 // Scalar path: rows [r0, r0+rows) for tokens m0..m0+M, via one fp32 row at a time.
@@ -210,7 +252,7 @@ template <int M>
 void rows_dequant(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, float* out) {
   std::vector<float> row(w.K);
   for (int r = 0; r < rows; ++r) {
-    dequant_row(w, r0 + r, row.data());
+    dequant_row<float>(w, r0 + r, row.data());
     for (int m = 0; m < M; ++m) {
       const at::BFloat16* x = xs.raw + (m0 + m) * w.K;
       float total = 0;
@@ -220,23 +262,8 @@ void rows_dequant(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int 
   }
 }
 
-#if defined(__AVX512BF16__)
+#if defined(MOEMESH_AVX512)
 inline __mmask64 tail_mask(int64_t left) { return left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1; }
-
-// ROWS rows from r0 of an affine weight: packed bytes, scales, biases. Rows past the weight's end (fewer than
-// ROWS left) repeat row r0; their results are dropped.
-struct AffineRows {
-  const uint8_t* w[ROWS];
-  const uint16_t *s[ROWS], *b[ROWS];
-  AffineRows(const QLinear& q, int64_t r0, int rows) {
-    for (int r = 0; r < ROWS; ++r) {
-      const int64_t row = r0 + (r < rows ? r : 0);
-      w[r] = q.w + row * q.row_bytes();
-      s[r] = reinterpret_cast<const uint16_t*>(q.scales) + row * q.groups();
-      b[r] = reinterpret_cast<const uint16_t*>(q.biases) + row * q.groups();
-    }
-  }
-};
 
 // The four nibbles of each u16 lane of v, each as the bf16 number 128 + q: (v >> 4t) & 15 | 0x4300.
 inline void unpack_nibbles(__m512i v, __m512bh* n) {
@@ -305,11 +332,6 @@ void rows_affine_lanes(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0,
 
 // Spans in flight at once in spans_affine: their chains overlap, and their loads make one stream.
 constexpr int SPANS = 4;
-// Bytes ahead of the loads that are prefetched into L2: the weights stream through once, too fast for the hardware
-// prefetchers to ramp up on an expert's few hundred KB.
-#ifndef SPAN_PREFETCH
-#define SPAN_PREFETCH 4096
-#endif
 
 // Output rows [row_begin, row_end) of a lane-major weight (both on span boundaries) for tokens m0..m0+M, into
 // y [tokens, N]. Each span's products end as one fp32 vector over its 16 groups, y_l = s_l (D_l - offset X_l) +
@@ -409,7 +431,6 @@ void spans_affine(const QLinear& w, const Acts& xs, int64_t m0, at::BFloat16* y,
   }
 }
 
-#if defined(__AVX512VBMI__)
 // e4m3 -> bf16 for 64 bytes at once, exactly: the bf16's low and high bytes are functions of the 7-bit
 // magnitude (two 128-entry byte tables, one VPERMI2B each; subnormals m * 2^-9 become normal bf16 numbers),
 // the sign is or'ed back into the high byte, and unpacking interleaves the two bytes into u16 lanes. Lane j of
@@ -473,7 +494,10 @@ void rows_fp8(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows
   }
   for (int m = 0; m < M; ++m) reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * ROWS);
 }
-#endif  // __AVX512VBMI__
+#elif defined(MOEMESH_AVX2)
+#include "quant_avx2.h"
+#else
+Acts prepare(const QLinear&, const at::BFloat16* x, int64_t M) { return Acts{M, 0, x}; }
 #endif
 
 template <int M>
@@ -483,10 +507,8 @@ void rows_q(const QLinear& w, const Acts& xs, int64_t m0, int64_t r0, int rows, 
                  w.K, rows, out);
     return;
   }
-#if defined(__AVX512BF16__)
-#if defined(__AVX512VBMI__)
+#if defined(MOEMESH_AVX512) || defined(MOEMESH_AVX2)
   if (w.kind == KIND_FP8) return rows_fp8<M>(w, xs, m0, r0, rows, out);
-#endif
   if (w.lanes) return rows_affine_lanes<M>(w, xs, m0, r0, rows, out);
 #endif
   rows_dequant<M>(w, xs, m0, r0, rows, out);
@@ -497,7 +519,7 @@ void linear_rows_q(const QLinear& w, const Acts& xs, at::BFloat16* y, int64_t ro
   float out[4 * ROWS];
   for (int64_t m = 0; m < xs.M; m += 4) {
     const int take = static_cast<int>(std::min<int64_t>(4, xs.M - m));
-#if defined(__AVX512BF16__)
+#if defined(MOEMESH_AVX512)
     if (w.lanes && w.groups() % 16 != 0) {  // spans across rows
       const bool one = w.patterns() == 1;
       switch (take) {
@@ -505,6 +527,17 @@ void linear_rows_q(const QLinear& w, const Acts& xs, at::BFloat16* y, int64_t ro
         case 3: (one ? spans_affine<3, true> : spans_affine<3, false>)(w, xs, m, y, row_begin, row_end); break;
         case 2: (one ? spans_affine<2, true> : spans_affine<2, false>)(w, xs, m, y, row_begin, row_end); break;
         default: (one ? spans_affine<1, true> : spans_affine<1, false>)(w, xs, m, y, row_begin, row_end);
+      }
+      continue;
+    }
+#elif defined(MOEMESH_AVX2)
+    if (w.lanes && w.groups() % 16 != 0) {  // spans across rows
+      const bool int4 = w.kind == KIND_INT4;
+      switch (take) {
+        case 4: (int4 ? spans_affine<4, 8> : spans_affine<4, 4>)(w, xs, m, y, row_begin, row_end); break;
+        case 3: (int4 ? spans_affine<3, 8> : spans_affine<3, 4>)(w, xs, m, y, row_begin, row_end); break;
+        case 2: (int4 ? spans_affine<2, 8> : spans_affine<2, 4>)(w, xs, m, y, row_begin, row_end); break;
+        default: (int4 ? spans_affine<1, 8> : spans_affine<1, 4>)(w, xs, m, y, row_begin, row_end);
       }
       continue;
     }
@@ -600,18 +633,17 @@ void to_lanes_q(torch::Tensor words, int64_t bits, int64_t group, torch::Tensor 
   });
 }
 
-// Rows [row_begin, row_end) of the weight as bf16 (w * scale in fp32, rounded once): prefill's tiles.
-torch::Tensor dequantize_q(QArgs weight, int64_t row_begin, int64_t row_end) {
+// Rows [row_begin, row_end) of the weight as bf16 (w * scale in fp32, rounded once), into `out` where given (a
+// buffer the caller reuses): prefill's tiles, the bands torch multiplies where the decode kernels do not.
+torch::Tensor dequantize_q(QArgs weight, int64_t row_begin, int64_t row_end, std::optional<torch::Tensor> out) {
   const QLinear w = qlinear(weight, "dequantize_q");
   TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= w.N, "dequantize_q: rows ", row_begin, "..", row_end);
-  auto y = torch::empty({row_end - row_begin, w.K}, torch::dtype(at::kBFloat16));
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  torch::Tensor y = out ? *out : torch::empty({row_end - row_begin, w.K}, torch::dtype(at::kBFloat16));
+  check_bf16(y, "dequantize_q out");
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == row_end - row_begin && y.size(1) == w.K, "dequantize_q: out ", y.sizes());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   at::parallel_for(row_begin, row_end, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(w.K);
-    for (int64_t r = begin; r < end; ++r) {
-      dequant_row(w, r, row.data());
-      for (int64_t i = 0; i < w.K; ++i) yp[(r - row_begin) * w.K + i] = at::BFloat16(row[i]);
-    }
+    for (int64_t r = begin; r < end; ++r) dequant_row<uint16_t>(w, r, yp + (r - row_begin) * w.K);
   });
   return y;
 }

@@ -22,7 +22,7 @@ enum Kind : int64_t {
 static_assert(KIND_INT4 < KIND_INT8 && KIND_INT8 < KIND_INT4_LANES && KIND_INT4_LANES < KIND_INT8_LANES &&
               KIND_INT4_LANES - KIND_INT4 == KIND_INT8_LANES - KIND_INT8, "kind codes out of the order qlinear reads");
 constexpr int64_t FP8_BLOCK = MOEMESH_FP8_BLOCK;  // square blocks (spec/formats.py)
-constexpr int64_t CHUNK_BYTES = 64;  // weight bytes per inner step (one zmm): 128 int4, 64 int8 or 64 fp8 values
+constexpr int64_t CHUNK_BYTES = 64;  // weight bytes per inner step (one zmm, two ymm): 128 int4, 64 int8 or 64 fp8 values
 
 // A linear weight as Python passes it: (weight, scales, biases, kind, group_size); see ../quant_ops.py.
 using QArgs = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t>;
@@ -62,19 +62,22 @@ inline int64_t lanes_offset(int64_t b, int64_t group_bytes) {
   return span * 16 * group_bytes + 4 * (16 * word + group) + b % 4;
 }
 
-// The few tokens' activations, arranged for one weight format. A chunk of weights is one 64-byte load, seen
-// as 32 u16 lanes; lane j holds int4 values 4j..4j+3 (a nibble each) or int8 values 2j, 2j+1; fp8 bytes are
-// unpacked in the order fp8_to_bf16 gives. The kernels turn each nibble (int) or byte half (fp8) position t
-// into one bf16 vector, so the activations come as one stream per position: stream t, lane j = the x that
-// multiplies it. FP8 streams run along K (zero past it: the masked-off weights add nothing); lane-major streams
-// hold one span's worth of chunks per pattern (QLinear::patterns).
+// The few tokens' activations, arranged for one weight format and level.
+// avx512: a chunk of weights is one 64-byte load, seen as 32 u16 lanes; lane j holds int4 values 4j..4j+3 (a
+// nibble each) or int8 values 2j, 2j+1; fp8 bytes are unpacked in the order fp8_to_bf16 gives. The kernels turn each
+// nibble (int) or byte half (fp8) position t into one bf16 vector, so the activations come as one stream per
+// position: stream t, lane j = the x that multiplies it. FP8 streams run along K (zero past it: the masked-off
+// weights add nothing); lane-major streams hold one span's worth of chunks per pattern (QLinear::patterns).
+// avx2: fp32, one run per token in the order the weights unpack into (quant_avx2.h).
 struct Acts {
-  int64_t M = 0, width = 0;         // width: one stream of one token, 32 lanes per chunk
+  int64_t M = 0, width = 0;         // width: avx512, one stream of one token, 32 lanes per chunk; avx2: one token
   const at::BFloat16* raw = nullptr;  // [M, K] as given (scalar paths)
-  std::vector<uint16_t> x;          // bf16 [M, streams, width]
+  std::vector<uint16_t> x;          // avx512: bf16 [M, streams, width]
+  std::vector<float> xf;            // avx2: fp32 [M, width]
   std::vector<float> sums;          // lane-major: [M, patterns, 16] sum of x over the group each lane multiplies
   int streams = 0;
   const uint16_t* stream(int64_t m, int t) const { return x.data() + (m * streams + t) * width; }
+  const float* token(int64_t m) const { return xf.data() + m * width; }
 };
 
 QLinear qlinear(const QArgs& args, const char* what);
