@@ -5,6 +5,11 @@ kernels do not take, quantized weights run torch's matmul on bands dequantized i
 kernels' scalar loops. test_kernels.py and test_quant_kernels.py run against every level through `level` below
 (one build per level, cached)."""
 
+import os
+import subprocess
+import sys
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,6 +66,40 @@ def test_unknown_and_unsupported_levels_are_refused(monkeypatch):
         cpu_kernels()
     with pytest.raises(ValueError, match="this CPU runs scalar"):
         cpu_kernels("avx512")
+
+
+def test_a_killed_build_blocks_nothing(tmp_path, capfd):
+    """The build's lock is an flock, released when its holder dies: a builder that is alive is waited for (and
+    named), one killed midway stops blocking at once, and the lock file torch leaves (which older torch waits on
+    for as long as it exists) is removed by the next builder."""
+    pid_file = tmp_path / "builder.pid"
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.seek(0); "
+            "f.truncate(); f.write('4242'); f.flush(); print('held', flush=True); time.sleep(60)")
+    builder = subprocess.Popen([sys.executable, "-c", hold, str(pid_file)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline().strip() == "held"
+        (tmp_path / "lock").write_text("")  # torch's, as a killed build leaves it
+        killed = threading.Event()
+        threading.Timer(0.5, lambda: (killed.set(), builder.kill())).start()
+        with cpu_ext._builder(tmp_path, "avx2"):
+            assert killed.is_set()  # waited for the holder, until it died
+            assert not (tmp_path / "lock").exists() and pid_file.read_text() == str(os.getpid())
+    finally:
+        builder.kill()
+        builder.wait(timeout=10)
+    assert "waiting for process 4242 to build the avx2 CPU kernels" in capfd.readouterr().err
+    with cpu_ext._builder(tmp_path, "avx2"):  # no holder: at once
+        pass
+
+
+def test_builds_run_pips_ninja(monkeypatch):
+    """pip's ninja comes first on PATH while building (another ninja reads the build's log as foreign and rebuilds
+    everything), and PATH is as it was afterwards."""
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", str(ninja.BIN_DIR), "/bin"]))
+    with cpu_ext._pip_ninja():
+        assert os.environ["PATH"].split(os.pathsep) == [str(ninja.BIN_DIR), "/usr/bin", "/bin"]
+    assert os.environ["PATH"] == os.pathsep.join(["/usr/bin", str(ninja.BIN_DIR), "/bin"])
 
 
 def test_each_level_is_its_own_build(kernels, level):
@@ -126,9 +165,9 @@ def test_quantized_weights_reach_the_vector_kernels_or_torch_bands(level, fmt):
         names = [c[0] for c in rec.calls]
         vector = level != "scalar" and w is fits
         assert names == (["linear_q"] if vector else ["dequantize_q"] * len(names)) and names, names
-        if not vector:  # bands into one buffer, reused
+        if not vector:  # bands into one buffer, reused; float32 in a decode step (bands.py)
             outs = {c[1][3].data_ptr() for c in rec.calls}
-            assert len(outs) == 1 and rec.calls[0][1][3].dtype == torch.bfloat16
+            assert len(outs) == 1 and rec.calls[0][1][3].dtype == torch.float32
     mlp = MlpWeights(held(backend, fmt, 128, 256), held(backend, fmt, 128, 256), held(backend, fmt, 256, 128))
     rec.calls.clear()
     backend.mlp(mlp, x)
@@ -145,9 +184,9 @@ def test_torch_bands_without_kernels(monkeypatch, fmt):
     assert backend.kernels is None
     w = held(backend, fmt, 700, 256)
     x = torch.randn(3, 256, generator=gen).bfloat16()
-    band = scratch("band", 1, torch.bfloat16)
     y = backend.linear(x, w)
+    band = scratch("band", 1, torch.float32).data_ptr()  # a decode step's bands: float32 (bands.py)
     assert torch.equal(y, (fp8_linear if fmt == "fp8" else affine_linear)(x, w))
-    assert scratch("band", 1, torch.bfloat16).data_ptr() == band.data_ptr() or band.numel() == 1
+    assert scratch("band", 1, torch.float32).data_ptr() == band  # the same buffer, not a new one per call
     want = F.linear(x.float(), dense(w).bfloat16().float())
     assert ((y.float() - want).abs() <= 0.01 * want.abs().max()).all()

@@ -78,6 +78,8 @@ def test_fp8_bytes_decode_exactly(kernels):
     ok = torch.isfinite(table.view(2, 128))  # 0x7F and 0xFF are NaN in e4m3: the kernels need not agree
     tile = kernels.dequantize_q(args, 0, 2).float()
     assert torch.equal(tile[ok], table.view(2, 128).bfloat16().float()[ok])
+    tile = kernels.dequantize_q(args, 0, 2, torch.empty(2, 128))  # float32 bands (decode steps without vector kernels)
+    assert torch.equal(tile[ok], table.view(2, 128)[ok])
     x = torch.eye(128).bfloat16()  # 128 tokens, in passes of up to 8 (decode kernel, any number of rows)
     got = torch.cat([kernels.linear_q(x[i : i + 8], args) for i in range(0, 128, 8)]).float().T  # [2, 128]
     assert torch.equal(got[ok], table.view(2, 128).bfloat16().float()[ok])
@@ -108,6 +110,8 @@ def test_affine_linear(kernels, bits, group, m):
         assert close(kernels.linear_q(x, kernel_args(w)), want, inp), (out, inp)
         tile = kernels.dequantize_q(kernel_args(w), 0, out)
         assert torch.equal(tile, dense(w).bfloat16())
+        tile = kernels.dequantize_q(kernel_args(w), 0, out, torch.empty(out, inp))
+        assert ((tile - dense(w)).abs() <= 2**-22 * dense(w).abs().max()).all()  # q s + b: one rounding or two
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -134,6 +138,17 @@ def test_lane_major_layout(kernels, bits, group, m):
     assert not lanes_fit(affine(7, 2 * group, bits, group)) and not lanes_fit(to_lanes(w))
     with pytest.raises(ValueError, match="cut a 16-group span"):
         to_lanes(affine(40, 2 * group, bits, group)).rows(4, 12)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-9, 1e9, 1e30])
+def test_activations_far_from_one(kernels, scale):
+    """Tokens at the ends of bf16's range, one of them with a zero half: the avx2 kernels scale each token (FP8) or
+    group (affine) of x by a power of two that the results undo, which must neither overflow nor underflow."""
+    x = (torch.randn(3, 320, generator=gen) * scale).bfloat16()
+    x[1, :160] = 0
+    x[2, :64] *= 1e-3  # a group of small values beside large ones
+    for w in (fp8_weight(200, 320), to_lanes(affine(40, 320, 4, 32), kernels), to_lanes(affine(48, 320, 8, 64), kernels)):
+        assert close(kernels.linear_q(x, kernel_args(w)), x.float() @ dense(w).T, 320), w
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])

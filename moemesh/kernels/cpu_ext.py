@@ -15,15 +15,19 @@ printed once per process (stderr) and reported by `cpu_isa()`.
 
 The build lands next to the installed package (`kernels/_build/`), or in the user's cache where that is not
 writable, so every process and every user of one install shares it. Processes that start while another is
-building wait on its lock (torch's build baton) and say so once.
+building wait for it and say so once; a build killed midway blocks nothing (`_builder`). It runs pip's `ninja`
+(a dependency) whatever else PATH holds: another version reads the build's log as foreign and rebuilds.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import platform
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -120,6 +124,45 @@ def cpu_isa() -> str | None:
     return None if kernels is None else kernels.isa
 
 
+@contextmanager
+def _builder(build: Path, level: str) -> Iterator[None]:
+    """Held while this process loads or builds `build`: an flock, which the kernel releases when its holder dies,
+    so a build killed midway leaves nothing that blocks the next. Holding it, no live builder exists, so the lock
+    file torch leaves (older versions wait for as long as it exists) is stale and goes."""
+    with open(build / "builder.pid", "a+") as owner:
+        try:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner.seek(0)
+            print(f"moemesh: waiting for process {owner.read().strip() or '?'} to build the {level} CPU kernels...",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(owner, fcntl.LOCK_EX)
+        owner.seek(0)
+        owner.truncate()
+        owner.write(str(os.getpid()))
+        owner.flush()
+        (build / "lock").unlink(missing_ok=True)
+        yield
+
+
+@contextmanager
+def _pip_ninja() -> Iterator[None]:
+    """PATH with pip's ninja first, for the build's duration."""
+    try:
+        import ninja
+
+        first = str(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        first = None
+    path = os.environ.get("PATH", "")
+    if first:
+        os.environ["PATH"] = os.pathsep.join([first] + [p for p in path.split(os.pathsep) if p != first])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 @cache
 def _load(level: str) -> ModuleType | None:
     import logging
@@ -131,12 +174,12 @@ def _load(level: str) -> ModuleType | None:
     try:
         build = _build_root() / name
         build.mkdir(exist_ok=True)
-        if not (build / f"{name}.so").exists():
-            waiting = (build / "lock").exists()
-            print(f"moemesh: {'waiting for another process to build' if waiting else 'building'} the {level} CPU "
-                  "kernels for this machine (once; about a minute)...", file=sys.stderr, flush=True)
-        module = load(name=name, sources=[str(f) for f in sorted(SOURCES.glob("*.cpp"))], extra_cflags=flags(level),
-                      build_directory=str(build), verbose=False)
+        with _builder(build, level), _pip_ninja():
+            if not (build / f"{name}.so").exists():
+                print(f"moemesh: building the {level} CPU kernels for this machine (once; about a minute)...",
+                      file=sys.stderr, flush=True)
+            module = load(name=name, sources=[str(f) for f in sorted(SOURCES.glob("*.cpp"))], extra_cflags=flags(level),
+                          build_directory=str(build), verbose=False)
     except Exception as e:  # a missing compiler or headers: any failure means "use torch's ops"
         print(f"moemesh: CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
               "using torch's matmuls", file=sys.stderr)

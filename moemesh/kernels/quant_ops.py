@@ -5,7 +5,7 @@ builds that view — no copy — or says None where they do not take it. `matmul
 the decode matmuls multiply at speed: at a vector level (avx2, avx512; `cpu_ext.py`), bf16, FP8 with 128x128
 blocks and lane-major affine weights. Every other quantized weight runs `banded_linear`: torch's matmul
 on bands of rows dequantized into a reused buffer (`bands.py`) — by the kernels where they are built (any level),
-else by torch — so that it costs a bf16 matmul plus its conversion, never the kernels' scalar loops.
+else by torch — so that it costs a matmul plus its conversion, never the kernels' scalar loops.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@
 //     int8 splits each byte into two nibbles (the high one against 16 x): one code path for both.
 //     The kernel reads them in the lane-major layout (quant.h, docs/formats.md), which the torch backend
 //     holds them in.
-// At the avx2 level (quant_avx2.h) they become fp32 values, multiplied by FMAs, in the same layout.
+// At the avx2 level (quant_avx2.h) e4m3 values become fp32 values for FMAs, and int4/int8 values 16-bit integers
+// that VPMADDWD multiplies by 16-bit activations, in the same layout.
 // Elsewhere (the scalar level, or affine weights in MLX's own byte order) rows are dequantized one at a time
 // and multiplied in plain loops: correct, slow; the torch backend does not send quantized weights there
 // (docs/quantization.md, "Dispatch").
@@ -66,19 +67,6 @@ QLinear row_slice(const QLinear& w, int64_t begin, int64_t count) {
   return s;
 }
 
-// e4m3 byte -> float, exactly (the scalar paths' table).
-struct Fp8Table {
-  float value[256];
-  Fp8Table() {
-    for (int b = 0; b < 256; ++b) {
-      const int e = (b >> 3) & 15, m = b & 7;
-      const float v = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.0f + m / 8.0f, e - 7);
-      value[b] = (b & 0x80) ? -v : v;
-    }
-  }
-};
-const Fp8Table fp8_table;
-
 inline float bf(const at::BFloat16& v) { return static_cast<float>(v); }
 
 // fp32 -> bf16 bits, rounded to nearest even (finite values; as at::BFloat16(float)) in integer steps that
@@ -91,11 +79,36 @@ inline uint16_t bf16_bits(float v) {
 inline void put(float* out, int64_t i, float v) { out[i] = v; }
 inline void put(uint16_t* out, int64_t i, float v) { out[i] = bf16_bits(v); }
 
+// q * s + b for the bytes of one group (int4: two values per byte, the low nibble first), into out.
+template <int BITS, typename Out>
+inline void dequant_group(const uint8_t* bytes, int64_t group, float s, float b, Out* out) {
+  if constexpr (BITS == 4) {
+    for (int64_t j = 0; j < group / 2; ++j) {
+      put(out, 2 * j, static_cast<float>(bytes[j] & 15) * s + b);
+      put(out, 2 * j + 1, static_cast<float>(bytes[j] >> 4) * s + b);
+    }
+  } else {
+    for (int64_t j = 0; j < group; ++j) put(out, j, static_cast<float>(bytes[j]) * s + b);
+  }
+}
+
+// e4m3 byte -> float by integer steps that compilers vectorize (a table lookup per byte does not): s eeee mmm moved
+// to bits 31 and 26-20 is the fp32 number of its value * 2^-120 (subnormals as fp32 subnormals), times 2^120.
+inline float fp8_value(uint8_t b) {
+  const uint32_t u = (static_cast<uint32_t>(b & 0x80) << 24) | (static_cast<uint32_t>(b & 0x7F) << 20);
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f * 0x1p120f;
+}
+
 // One weight row as fp32 or bf16 bits: plain loops over whole groups and blocks, no per-value index arithmetic,
-// so that they vectorize at any level (prefill's tiles, the scalar fallback's bands).
+// so that they vectorize at any level (prefill's tiles, the scalar fallback's bands). The row PREFETCH_ROWS on is
+// prefetched into L2 as it goes: the hardware prefetchers alone leave the loop waiting on memory (3.6x slower).
 template <typename Out>
 void dequant_row(const QLinear& w, int64_t row, Out* out) {
   const uint8_t* p = w.w + row * w.row_bytes();
+  const uint8_t* ahead = row + PREFETCH_ROWS < w.N ? p + PREFETCH_ROWS * w.row_bytes() : p;
+  for (int64_t b = 0; b < w.row_bytes(); b += 64) __builtin_prefetch(ahead + b, 0, 2);
   if (w.kind == KIND_BF16) {
     for (int64_t i = 0; i < w.K; ++i) put(out, i, bf16_to_float(reinterpret_cast<const uint16_t*>(p)[i]));
     return;
@@ -104,44 +117,32 @@ void dequant_row(const QLinear& w, int64_t row, Out* out) {
     const float* s = w.block_scales + (row / FP8_BLOCK) * w.block_cols;
     for (int64_t i0 = 0; i0 < w.K; i0 += FP8_BLOCK) {
       const float scale = s[i0 / FP8_BLOCK];
-      for (int64_t i = i0; i < std::min(w.K, i0 + FP8_BLOCK); ++i) put(out, i, fp8_table.value[p[i]] * scale);
+      for (int64_t i = i0; i < std::min(w.K, i0 + FP8_BLOCK); ++i) put(out, i, fp8_value(p[i]) * scale);
     }
     return;
   }
-  // Affine: group g's words are g * wpg ... in MLX order, or word j of it at span * 16 wpg + 16 j + lane when
-  // lane-major (lanes_offset in quant.h).
-  const int T = w.kind == KIND_INT4 ? 8 : 4, bits = 32 / T;
-  const uint32_t mask = (1u << bits) - 1;
-  const int64_t G = w.groups(), wpg = w.group_bytes() / 4;
+  // Affine: group g's bytes follow each other in MLX order; lane-major, word j of the group with index `at` in the
+  // weight sits at word (at / 16) 16 wpg + 16 j + at % 16 (lanes_offset in quant.h): gathered first.
+  const int64_t G = w.groups(), gb = w.group_bytes(), wpg = gb / 4;
   const auto* words = reinterpret_cast<const uint32_t*>(w.w);
+  uint32_t gathered[32];  // a group's words: at most 128 int8 values
   for (int64_t g = 0; g < G; ++g) {
-    const int64_t at = row * G + g;  // the group's index in the weight
-    const uint32_t* gw = w.lanes ? words + at / 16 * 16 * wpg + at % 16 : words + at * wpg;
-    const int64_t stride = w.lanes ? 16 : 1;
-    const float s = bf(w.scales[at]), b = bf(w.biases[at]);
-    for (int64_t j = 0; j < wpg; ++j) {
-      const uint32_t v = gw[j * stride];
-      for (int t = 0; t < T; ++t) put(out, g * w.group + j * T + t, static_cast<float>((v >> (bits * t)) & mask) * s + b);
+    const int64_t at = row * G + g;
+    const uint8_t* bytes = p + g * gb;
+    if (w.lanes) {
+      const uint32_t* first = words + at / 16 * 16 * wpg + at % 16;
+      for (int64_t j = 0; j < wpg; ++j) gathered[j] = first[16 * j];
+      bytes = reinterpret_cast<const uint8_t*>(gathered);
     }
+    const float s = bf(w.scales[at]), b = bf(w.biases[at]);
+    if (w.kind == KIND_INT4)
+      dequant_group<4>(bytes, w.group, s, b, out + g * w.group);
+    else
+      dequant_group<8>(bytes, w.group, s, b, out + g * w.group);
   }
 }
 
 #if defined(MOEMESH_AVX512) || defined(MOEMESH_AVX2)
-// ROWS rows from r0 of an affine weight: packed bytes, scales, biases. Rows past the weight's end (fewer than
-// ROWS left) repeat row r0; their results are dropped.
-struct AffineRows {
-  const uint8_t* w[ROWS];
-  const uint16_t *s[ROWS], *b[ROWS];
-  AffineRows(const QLinear& q, int64_t r0, int rows) {
-    for (int r = 0; r < ROWS; ++r) {
-      const int64_t row = r0 + (r < rows ? r : 0);
-      w[r] = q.w + row * q.row_bytes();
-      s[r] = reinterpret_cast<const uint16_t*>(q.scales) + row * q.groups();
-      b[r] = reinterpret_cast<const uint16_t*>(q.biases) + row * q.groups();
-    }
-  }
-};
-
 // Lane-major activations' group sums: for each token and pattern p, lane l = the sum of x over group (16 p + l) % G,
 // the group that lane multiplies (QLinear::patterns).
 void group_sums_by_lane(const QLinear& w, const uint16_t* x, int64_t M, Acts& acts) {
@@ -166,6 +167,21 @@ void group_sums_by_lane(const QLinear& w, const uint16_t* x, int64_t M, Acts& ac
 #endif
 
 #if defined(MOEMESH_AVX512)
+// ROWS rows from r0 of an affine weight: packed bytes, scales, biases. Rows past the weight's end (fewer than
+// ROWS left) repeat row r0; their results are dropped.
+struct AffineRows {
+  const uint8_t* w[ROWS];
+  const uint16_t *s[ROWS], *b[ROWS];
+  AffineRows(const QLinear& q, int64_t r0, int rows) {
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t row = r0 + (r < rows ? r : 0);
+      w[r] = q.w + row * q.row_bytes();
+      s[r] = reinterpret_cast<const uint16_t*>(q.scales) + row * q.groups();
+      b[r] = reinterpret_cast<const uint16_t*>(q.biases) + row * q.groups();
+    }
+  }
+};
+
 inline __m512 bf16x16_to_f32(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
 
 // 32 values of x from i on, zeros past K.
@@ -431,6 +447,19 @@ void spans_affine(const QLinear& w, const Acts& xs, int64_t m0, at::BFloat16* y,
   }
 }
 
+// e4m3 byte -> float, exactly: the source of Fp8Tables' bytes.
+struct Fp8Table {
+  float value[256];
+  Fp8Table() {
+    for (int b = 0; b < 256; ++b) {
+      const int e = (b >> 3) & 15, m = b & 7;
+      const float v = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.0f + m / 8.0f, e - 7);
+      value[b] = (b & 0x80) ? -v : v;
+    }
+  }
+};
+const Fp8Table fp8_table;
+
 // e4m3 -> bf16 for 64 bytes at once, exactly: the bf16's low and high bytes are functions of the 7-bit
 // magnitude (two 128-entry byte tables, one VPERMI2B each; subnormals m * 2^-9 become normal bf16 numbers),
 // the sign is or'ed back into the high byte, and unpacking interleaves the two bytes into u16 lanes. Lane j of
@@ -633,17 +662,24 @@ void to_lanes_q(torch::Tensor words, int64_t bits, int64_t group, torch::Tensor 
   });
 }
 
-// Rows [row_begin, row_end) of the weight as bf16 (w * scale in fp32, rounded once), into `out` where given (a
-// buffer the caller reuses): prefill's tiles, the bands torch multiplies where the decode kernels do not.
+// Rows [row_begin, row_end) of the weight as bf16 (w * scale in fp32, rounded once) or fp32, into `out` where given
+// (a buffer the caller reuses; its dtype chooses): prefill's tiles, the bands torch multiplies where the decode
+// kernels do not.
 torch::Tensor dequantize_q(QArgs weight, int64_t row_begin, int64_t row_end, std::optional<torch::Tensor> out) {
   const QLinear w = qlinear(weight, "dequantize_q");
   TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= w.N, "dequantize_q: rows ", row_begin, "..", row_end);
   torch::Tensor y = out ? *out : torch::empty({row_end - row_begin, w.K}, torch::dtype(at::kBFloat16));
-  check_bf16(y, "dequantize_q out");
+  const bool fp32 = y.scalar_type() == at::kFloat;
+  TORCH_CHECK((fp32 || y.scalar_type() == at::kBFloat16) && y.is_contiguous() && y.device().is_cpu(),
+              "dequantize_q out: expected a contiguous bf16 or float32 CPU tensor");
   TORCH_CHECK(y.dim() == 2 && y.size(0) == row_end - row_begin && y.size(1) == w.K, "dequantize_q: out ", y.sizes());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   at::parallel_for(row_begin, row_end, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) dequant_row<uint16_t>(w, r, yp + (r - row_begin) * w.K);
+    for (int64_t r = begin; r < end; ++r) {
+      if (fp32)
+        dequant_row<float>(w, r, y.data_ptr<float>() + (r - row_begin) * w.K);
+      else
+        dequant_row<uint16_t>(w, r, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + (r - row_begin) * w.K);
+    }
   });
   return y;
 }

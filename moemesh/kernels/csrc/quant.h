@@ -68,16 +68,20 @@ inline int64_t lanes_offset(int64_t b, int64_t group_bytes) {
 // nibble (int) or byte half (fp8) position t into one bf16 vector, so the activations come as one stream per
 // position: stream t, lane j = the x that multiplies it. FP8 streams run along K (zero past it: the masked-off
 // weights add nothing); lane-major streams hold one span's worth of chunks per pattern (QLinear::patterns).
-// avx2: fp32, one run per token in the order the weights unpack into (quant_avx2.h).
+// avx2: one run per token in the order the weights unpack into (quant_avx2.h): fp32 for FP8, 16-bit integers for
+// lane-major weights, scaled by powers of two that `steps` undoes.
 struct Acts {
   int64_t M = 0, width = 0;         // width: avx512, one stream of one token, 32 lanes per chunk; avx2: one token
   const at::BFloat16* raw = nullptr;  // [M, K] as given (scalar paths)
   std::vector<uint16_t> x;          // avx512: bf16 [M, streams, width]
-  std::vector<float> xf;            // avx2: fp32 [M, width]
+  std::vector<float> xf;            // avx2, FP8: fp32 [M, width]
+  std::vector<int16_t> xq;          // avx2, lane-major: [M, width]
+  std::vector<float> steps;         // avx2: FP8 [M] each token's, lane-major [M, patterns, 16] each lane's group's
   std::vector<float> sums;          // lane-major: [M, patterns, 16] sum of x over the group each lane multiplies
   int streams = 0;
   const uint16_t* stream(int64_t m, int t) const { return x.data() + (m * streams + t) * width; }
   const float* token(int64_t m) const { return xf.data() + m * width; }
+  const int16_t* token_q(int64_t m) const { return xq.data() + m * width; }
 };
 
 QLinear qlinear(const QArgs& args, const char* what);
