@@ -65,7 +65,8 @@ class Membership:
             handle.state = "lost"
             self.log(f"[red]could not admit[/] {handle.name}: {e}")
             return
-        self.log(f"worker [bold]{handle.name}[/] joined from {handle.address}: "
+        self.log(f"worker [bold]{handle.name}[/] joined from {handle.address} "
+                 f"({handle.info.backend or 'torch'} on {handle.info.device or 'cpu'}): "
                  f"{handle.info.memory_free / 1e9:.1f} GB offered, memory {handle.memory_bandwidth / 1e9:.1f} GB/s "
                  f"(decode reads {handle.decode_bandwidth / 1e9:.1f} GB/s at {handle.decode_flops / 1e9:.0f} GFLOP/s"
                  f"{', ' + handle.cpu_isa + ' kernels' if handle.cpu_isa else ''}), "

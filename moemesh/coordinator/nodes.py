@@ -28,6 +28,7 @@ class NodeHandle:
     link_bandwidth: float = 0.0  # bytes/s, coordinator -> node
     weight_bytes: int = 0
     kv_bytes: int = 0
+    held_bytes: int = 0  # what its backend's allocator holds (MLX arrays, CUDA memory); 0: not known (torch on CPU)
     layers: list[int] = field(default_factory=list)
     experts: int = 0
     missed: int = 0  # heartbeats in a row without an answer
@@ -41,6 +42,14 @@ class NodeHandle:
     @property
     def name(self) -> str:
         return self.info.name
+
+    @property
+    def hardware(self) -> str:
+        """What it computes on, in the planner's words (placement.cluster.BACKENDS): mlx, cuda, mps or cpu."""
+        if self.info.backend == "mlx":
+            return "mlx"
+        kind = self.info.device.split(":")[0]
+        return kind if kind in ("cuda", "mps") else "cpu"
 
     def connect(self) -> None:
         self.channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
@@ -88,7 +97,7 @@ class NodeHandle:
             self.missed += 1
             return None
         self.missed = 0
-        self.kv_bytes, self.weight_bytes = health.kv_bytes, health.weight_bytes
+        self.kv_bytes, self.weight_bytes, self.held_bytes = health.kv_bytes, health.weight_bytes, health.held_bytes
         return health
 
     def status(self, busy_ms: float = 0.0) -> pb.NodeStatus:
@@ -98,4 +107,4 @@ class NodeHandle:
                              decode_bandwidth=self.decode_bandwidth, decode_flops=self.decode_flops,
                              cpu_isa=self.cpu_isa,
                              weight_bytes=self.weight_bytes, kv_bytes=self.kv_bytes, layers=self.layers,
-                             experts=self.experts, busy_ms=busy_ms)
+                             experts=self.experts, busy_ms=busy_ms, held_bytes=self.held_bytes)

@@ -26,7 +26,7 @@ def placement_cluster(args: ModelArgs, workers: list[NodeHandle], dtype: str, co
     # Plan with each node's decode path as measured on the weights it will hold (bytes/s and flop/s of one run,
     # so the time model gives back what decoding takes there), not a plain read or a square matmul.
     nodes = tuple(Node(w.name, int(w.info.memory_free), w.decode_bandwidth or w.memory_bandwidth or 1e10,
-                       w.decode_flops or w.matmul_flops or 1e11) for w in workers)
+                       w.decode_flops or w.matmul_flops or 1e11, backend=w.hardware) for w in workers)
     # The coordinator holds the head and nothing else: offer the planner exactly that much memory.
     probe = Cluster((Node(HEAD, 1 << 62, *head_speed, head=True),) + nodes, link)
     need = problem(args, probe, None, context, checkpoint_format(args, dtype), mtp=mtp).tm.head_memory()

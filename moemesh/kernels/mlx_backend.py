@@ -55,14 +55,34 @@ class Step:
     sin: mx.array
 
 
-def to_mx(t: torch.Tensor, dtype: mx.Dtype | None = None) -> mx.array:
-    """A checkpoint tensor as an mlx array (numpy has no bfloat16: float tensors pass through float32)."""
+def host_to_mx(t: torch.Tensor) -> mx.array:
+    """A CPU tensor as an mlx array of the same dtype and bits (numpy has no bfloat16: it passes as its 16-bit
+    words); FP8 e4m3 as its bytes (uint8)."""
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.view(torch.int16).numpy()).view(mx.bfloat16)
     if t.dtype == torch.uint32:
         return mx.array(t.view(torch.int32).numpy()).view(mx.uint32)
     if t.dtype == torch.float8_e4m3fn:
         return mx.array(t.view(torch.uint8).numpy())
-    a = mx.array(t.float().numpy() if t.is_floating_point() else t.numpy())
-    return a if dtype is None else a.astype(dtype)
+    return mx.array(t.numpy())
+
+
+def mx_to_host(x: mx.array) -> torch.Tensor:
+    """An mlx array as a CPU tensor of the same dtype and bits."""
+    if x.dtype == mx.bfloat16:
+        return torch.from_numpy(np.array(x.view(mx.int16))).view(torch.bfloat16)
+    return torch.from_numpy(np.array(x))
+
+
+def to_mx(t: torch.Tensor, dtype: mx.Dtype | None = None) -> mx.array:
+    """A checkpoint tensor as a resident mlx array, in `dtype` if given. Evaluated now: MLX is lazy, and an
+    unevaluated cast would keep the source array alive until the weight's first use."""
+    a = host_to_mx(t)
+    if dtype is not None and a.dtype != dtype:
+        a = a.astype(dtype)
+    mx.eval(a)
+    return a
 
 
 def fp8_dense(w: MlxFp8, dtype: mx.Dtype) -> mx.array:
@@ -92,6 +112,9 @@ class MlxBackend:
             raise ValueError(f"dtype '{dtype}' is not supported by the mlx backend; choose {', '.join(DTYPES)}")
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device '{device}' is not one the mlx backend knows; choose cpu or gpu")
+        if device == "gpu" and not mx.metal.is_available():
+            raise ValueError("device 'gpu' was requested but MLX sees no Metal GPU on this machine")
+        self.device = device
         mx.set_default_device(mx.cpu if device == "cpu" else mx.gpu)
         self.args = args
         self.dtype = DTYPES[dtype]
@@ -126,7 +149,9 @@ class MlxBackend:
         elif isinstance(w, MlxFp8):
             w = fp8_dense(w, mx.float32)
         w = w.astype(self.dtype).reshape(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
-        return mx.contiguous(w[:, : a.qk_nope_head_dim].transpose(0, 2, 1)), mx.contiguous(w[:, a.qk_nope_head_dim :])
+        halves = mx.contiguous(w[:, : a.qk_nope_head_dim].transpose(0, 2, 1)), mx.contiguous(w[:, a.qk_nope_head_dim :])
+        mx.eval(*halves)
+        return halves
 
     def absorbed_heads(self, w_uk: tuple[torch.Tensor, AffineScales | None], w_uv: tuple[torch.Tensor, AffineScales | None]):
         """mlx-lm's split halves as stored: [heads, out, in], dense or packed (as mlx-lm's QuantizedMultiLinear)."""
@@ -136,6 +161,17 @@ class MlxBackend:
         """After a prefill step, empty MLX's buffer cache (it keeps freed buffers for reuse); decode keeps it."""
         if tokens > DECODE_TOKENS:
             mx.clear_cache()
+
+    # ---- the wire's edge: host (CPU) tensors in and out, dtype and bits unchanged
+    def from_host(self, t: torch.Tensor) -> mx.array:
+        return host_to_mx(t)
+
+    def to_host(self, x: mx.array) -> torch.Tensor:
+        return mx_to_host(x)  # evaluates the step's graph
+
+    def held_bytes(self) -> int:
+        """Bytes in MLX arrays now (weights, caches, live activations), as MLX's allocator counts them."""
+        return mx.get_active_memory()
 
     # ---- arrays
     def tokens(self, ids: list[int]) -> mx.array:

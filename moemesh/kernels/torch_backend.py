@@ -82,15 +82,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def check_device(device: str) -> torch.device:
+    """torch's device for `device` (cpu, cuda, cuda:N, mps), or ValueError saying why this machine has none."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device '{device}' is not one torch knows; choose cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{device}' was requested but torch sees no CUDA GPU")
+        if (d.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device '{device}' was requested but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was requested but torch sees no Apple GPU (Metal)")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device '{device}' is not one the torch backend runs on; choose cpu, cuda, cuda:N or mps")
+    return d
+
+
 class TorchBackend:
     name = "torch"
 
     def __init__(self, args: ModelArgs, dtype: str = "bfloat16", device: str = "cpu"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype '{dtype}' is not supported by the torch backend; choose {', '.join(DTYPES)}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU")
+        self.device = check_device(device)
         self.args = args
         self.dtype = DTYPES[dtype]
         # Our decode kernels (few tokens, bf16 compute) where they build; torch's ops otherwise. At the scalar level
@@ -204,6 +220,18 @@ class TorchBackend:
         elif isinstance(w, Fp8Weight):
             w = dequantize(w, x.dtype).view(x.shape[1], -1, x.shape[2])
         return torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
+
+    # ---- the wire's edge: host (CPU) tensors in and out, dtype and bits unchanged
+    def from_host(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device)
+
+    def to_host(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach().cpu()  # from a GPU: the one copy a step's hidden state makes to leave the node
+
+    def held_bytes(self) -> int:
+        """Bytes the device's allocator holds for this process (CUDA); 0 on the CPU, where the weights and
+        caches are counted one by one."""
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
 
     # ---- arrays
     def tokens(self, ids: list[int]) -> torch.Tensor:

@@ -25,20 +25,25 @@ def join(
     mdns_interface: list[str] = typer.Option(None, help="IPv4 address of an interface for mDNS (repeatable)."),
     no_mdns: bool = typer.Option(False, help="Neither announce nor look on mDNS (needs --coordinator)."),
     fetch_weights: bool = typer.Option(False, help="Take weights from the coordinator even if the files are here."),
+    backend: str = typer.Option("auto", help="torch, mlx, or auto: MLX on Apple silicon, else torch."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N, mps (torch), gpu (MLX's Metal), or auto: the GPU "
+                                            "when there is one, else the CPU."),
 ) -> None:
     """Join a cluster: announce on mDNS, find the coordinator, and run what it assigns until Ctrl-C."""
     from ..transport.wire import host_name  # torch: imported by this command only, not by all of `moemesh`
+    from .device import choose
     from .server import WorkerOptions, serve
 
     if no_mdns and not coordinator:
         raise typer.BadParameter("--no-mdns needs --coordinator HOST:PORT")
     try:
         offered = size_bytes(memory) if memory else None
+        backend, device = choose(backend, device)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     opts = WorkerOptions(name=name or host_name(), cluster=cluster, host=host, port=port, coordinator=coordinator,
                          mdns=not no_mdns, interfaces=mdns_interface or None, memory=offered,
-                         fetch_weights=fetch_weights)
+                         fetch_weights=fetch_weights, backend=backend, device=device)
     with Progress(TextColumn("{task.description}"), BarColumn(), console=console,
                   transient=True) as bars:
         tasks: dict[str, int] = {}

@@ -31,6 +31,7 @@ from ..process import stop_on_signals
 from ..spec.units import ranges
 from ..kernels.cpu_ext import cpu_isa
 from ..kernels.profile import decode_profile, matmul_flops, memory_bandwidth
+from .device import device_memory
 from .shard import Shard
 
 
@@ -45,32 +46,34 @@ class WorkerOptions:
     interfaces: list[str] | None = None  # mDNS interfaces (IPv4 addresses); None: all
     memory: int | None = None  # bytes offered; None: what the OS says is available, less a margin
     fetch_weights: bool = False  # always take weights from the coordinator
+    backend: str = "torch"  # torch or mlx, as `device.choose` resolved it
+    device: str = "cpu"  # torch: cpu, cuda, cuda:N, mps; mlx: cpu, gpu
     cache_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "moemesh-shards")
 
 
 class RemoteExperts:
-    """Calls another worker's Experts RPC; `submit` returns a future of the rows (sync gRPC: it is used
-    from the compute thread, in the middle of a layer)."""
+    """Calls another worker's Experts RPC; `submit` returns a future of the rows, a host tensor (sync gRPC: it
+    is used from the compute thread, in the middle of a layer)."""
 
     def __init__(self, target: str):
         self.channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
         self.stub = rpc.WorkerStub(self.channel)
 
-    def submit(self, layer: int, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor):
-        call = self.stub.Experts.future(pb.ExpertBatch(layer=layer, x=tensor_msg(x), token=token.tolist(),
-                                                       expert=expert.tolist(), weight=weight.float().tolist()), timeout=120)
-        return _Rows(call, x.device)
+    def submit(self, layer: int, x: torch.Tensor, token: list[int], expert: list[int], weight: list[float]):
+        call = self.stub.Experts.future(pb.ExpertBatch(layer=layer, x=tensor_msg(x), token=token, expert=expert,
+                                                       weight=weight), timeout=120)
+        return _Rows(call)
 
     def close(self) -> None:
         self.channel.close()
 
 
 class _Rows:
-    def __init__(self, call, device):
-        self.call, self.device = call, device
+    def __init__(self, call):
+        self.call = call
 
     def result(self) -> torch.Tensor:
-        return tensor_from(self.call.result().rows, self.device)
+        return tensor_from(self.call.result().rows)
 
 
 class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
@@ -91,9 +94,14 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
         self.refused: str | None = None
 
     def info(self) -> pb.NodeInfo:
-        memory = self.opts.memory
-        info = node_info(self.node_id, self.opts.name, self.opts.cluster, self.port, memory_free=memory)
-        if memory is None:
+        o = self.opts
+        info = node_info(self.node_id, o.name, o.cluster, self.port, backend=o.backend, device=o.device,
+                         memory_free=o.memory)
+        gpu = device_memory(o.backend, o.device)  # a GPU holds the shard in its own memory
+        if gpu is not None:
+            info.memory_total = gpu[0]
+            info.memory_free = gpu[1] if o.memory is None else o.memory
+        if o.memory is None:
             info.memory_free = int(info.memory_free * 0.9)  # leave the OS and this process room
         return info
 
@@ -108,16 +116,18 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
     async def Profile(self, request: pb.ProfileRequest, context) -> pb.ProfileReply:
         loop = asyncio.get_running_loop()
         dtype = request.dtype or "bfloat16"
-        bandwidth = await loop.run_in_executor(self.compute, memory_bandwidth)
-        flops = await loop.run_in_executor(self.compute, matmul_flops, dtype)
+        backend, device = self.opts.backend, self.opts.device  # measured where the shard will run
+        bandwidth = await loop.run_in_executor(self.compute, memory_bandwidth, backend, device)
+        flops = await loop.run_in_executor(self.compute, matmul_flops, dtype, backend, device)
         decode = (0.0, 0.0)
         if request.hidden and request.intermediate:  # the decode path on the weights as this node will hold them
-            decode = await loop.run_in_executor(self.compute, decode_profile, request.hidden, request.intermediate,
-                                                request.weight_format or "bf16", request.group_size or 64, dtype)
+            decode = await loop.run_in_executor(
+                self.compute, lambda: decode_profile(request.hidden, request.intermediate, request.weight_format or "bf16",
+                                                     request.group_size or 64, dtype, device=device, backend=backend))
         info = self.info()
         return pb.ProfileReply(memory_bandwidth=bandwidth, matmul_flops=flops, memory_total=info.memory_total,
                                memory_free=info.memory_free, decode_bandwidth=decode[0], decode_flops=decode[1],
-                               cpu_isa=cpu_isa() or "")
+                               cpu_isa=(cpu_isa() or "") if (backend, device) == ("torch", "cpu") else "")
 
     async def Echo(self, request: pb.EchoMessage, context) -> pb.EchoMessage:
         self.last_heard = time.monotonic()
@@ -129,6 +139,7 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
         return pb.Health(time=time.time(), memory_free=self.info().memory_free,
                          kv_bytes=self.shard.kv_bytes if self.shard else 0,
                          weight_bytes=model.weight_bytes if model else 0,
+                         held_bytes=self.shard.backend.held_bytes() if self.shard else 0,
                          requests=len(self.shard.caches) if self.shard else 0,
                          plan_id=self.spec.plan_id if self.spec else 0)
 
@@ -146,15 +157,11 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
     async def Experts(self, request: pb.ExpertBatch, context) -> pb.ExpertResult:
         if self.shard is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded")
-        device = self.shard.backend.device
-        x = tensor_from(request.x, device)
-        token = torch.tensor(list(request.token), dtype=torch.long)
-        expert = torch.tensor(list(request.expert), dtype=torch.long)
-        weight = torch.tensor(list(request.weight), dtype=torch.float32, device=device)
         try:
             rows = await asyncio.get_running_loop().run_in_executor(
-                self.expert_pool, self.shard.serve_experts, request.layer, x, token, expert, weight)
-        except ValueError as e:
+                self.expert_pool, self.shard.serve_remote, request.layer, tensor_from(request.x), list(request.token),
+                list(request.expert), list(request.weight))
+        except (ValueError, ProtocolError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.ExpertResult(rows=tensor_msg(rows))
 
@@ -204,8 +211,10 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
         yield pb.LoadProgress(stage="ready", done=1, total=1, weight_bytes=model.weight_bytes)
 
     def _load(self, path: Path, spec: pb.ShardSpec, progress) -> Transformer:
+        if spec.device and spec.device != self.opts.device:
+            raise ValueError(f"asked to load onto device '{spec.device}', but this worker serves on '{self.opts.device}'")
         ckpt = Checkpoint(path)
-        backend = get_backend("torch", ckpt.args, dtype=spec.dtype or "bfloat16", device=spec.device or "cpu")
+        backend = get_backend(self.opts.backend, ckpt.args, dtype=spec.dtype or "bfloat16", device=self.opts.device)
         experts = {e.layer: list(e.experts) for e in spec.experts}
         return Transformer.load(ckpt, backend, layers=list(spec.layers), head=False, experts=experts, progress=progress)
 
@@ -265,7 +274,7 @@ class WorkerServer(rpc.WorkerServicer, rpc.PipelineServicer):
                     try:
                         if self.shard is None:
                             raise ProtocolError("no shard loaded")
-                        x = tensor_from(step.hidden, self.shard.backend.device)
+                        x = tensor_from(step.hidden)  # the backend takes it from the host in Shard.step
                         segments = [(s.request_id, s.start, s.length) for s in step.segments]
                         y = await loop.run_in_executor(self.compute, self.shard.step, segments, x, list(step.free))
                         step.hidden.CopyFrom(tensor_msg(y))
@@ -307,7 +316,8 @@ async def run_worker(opts: WorkerOptions, log=print, progress=None) -> int:
     rpc.add_PipelineServicer_to_server(worker, server)
     worker.port = server.add_insecure_port(address(opts.host, opts.port))
     await server.start()
-    log(f"worker [bold]{opts.name}[/] ({worker.node_id}) listening on port {worker.port}, cluster '{opts.cluster}'")
+    log(f"worker [bold]{opts.name}[/] ({worker.node_id}) listening on port {worker.port}, cluster '{opts.cluster}', "
+        f"serving with {opts.backend} on {opts.device}")
     discovery = Discovery(opts.interfaces) if opts.mdns else None
     found: asyncio.Queue[str] = asyncio.Queue()
     try:
