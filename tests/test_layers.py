@@ -19,6 +19,7 @@ ALLOWED = {
     "worker": {"spec", "kernels", "model", "transport", "process"},
     "coordinator": {"spec", "kernels", "model", "transport", "placement", "process"},
     "process": set(),
+    "api": {"spec", "kernels", "model", "transport", "worker", "coordinator", "process"},  # HTTP on top of both
 }
 THIRD_PARTY_FORBIDDEN = {"spec": {"torch", "numpy", "mlx", "grpc"}, "placement": {"torch", "mlx", "grpc"}}
 

@@ -50,11 +50,19 @@ def start(
                                                  "weights."),
     mdns_interface: list[str] = typer.Option(None, help="IPv4 address of an interface for mDNS (repeatable)."),
     no_mdns: bool = typer.Option(False, help="Do not announce on mDNS (workers then need --coordinator)."),
+    api_port: int = typer.Option(8000, min=0, max=65535, help="Port of the OpenAI-compatible HTTP API, /metrics and "
+                                                            "the dashboard (0: none)."),
+    api_host: str = typer.Option(None, help="Address the HTTP API listens on (default: --host)."),
+    api_key: str = typer.Option(None, envvar="MOEMESH_API_KEY", help="Require 'Authorization: Bearer KEY' on every "
+                                                                    "HTTP route but /health and the dashboard page."),
+    api_max_requests: int = typer.Option(64, min=1, help="HTTP completions in flight and waiting; more get 429."),
 ) -> None:
-    """Serve a model on the workers that join: plan, load, then generate (`moemesh generate --cluster`)."""
+    """Serve a model on the workers that join: plan, load, then generate (`moemesh generate --cluster`, or the
+    HTTP API on --api-port)."""
     from ..model.checkpoint import CheckpointError
     from ..model.generate import SPECULATIVE
     from .planning import SPLITS
+    from ..api.app import ApiOptions
     from .server import UI, CoordinatorOptions, run_coordinator
 
     if split not in SPLITS:
@@ -77,11 +85,28 @@ def start(
             bars.update(tasks[key], description=f"{node}: {stage} {amount}", completed=done, total=total or None,
                         visible=stage != "ready")
 
+        log = bars.console.print
+        api = http_api(ApiOptions(api_host or host, api_port, api_key, api_max_requests), log) if api_port else None
         try:
-            asyncio.run(run_coordinator(opts, UI(log=bars.console.print, load_progress=load_progress)))
+            asyncio.run(run_coordinator(opts, UI(log=log, load_progress=load_progress), api))
         except (CheckpointError, ValueError, OSError) as e:
             console.print(f"[red]error:[/] {e}")
             raise typer.Exit(1) from None
+
+
+def http_api(opts, log):
+    """The coordinator's HTTP API, as `run_coordinator` runs it; a port it cannot listen on leaves the cluster
+    serving over gRPC alone."""
+    from ..api.app import serve_api
+    from ..api.serving import from_coordinator
+
+    async def run(coordinator) -> None:
+        try:
+            await serve_api(from_coordinator(coordinator), opts, log)
+        except OSError as e:
+            log(f"[yellow]{e}:[/] no HTTP API; choose another port with --api-port (0: none)")
+
+    return run
 
 
 @app.command()
@@ -128,10 +153,10 @@ def print_status(s) -> None:
         speculation += (f"; since start: {100 * s.draft_acceptance:.0f}% of drafts accepted, "
                         f"{s.tokens_per_trip:.2f} tokens per request per trip")
     out.print(speculation)
-    table = Table("node", "state", "backend", "mem used/free", "layers", "experts", "RTT", "mem / decode BW",
+    table = Table("node", "state", "backend/device", "mem used/free", "layers", "experts", "RTT", "mem / decode BW",
                   "decode compute", "busy/step")
     for n in s.nodes:
-        used = n.weight_bytes + n.kv_bytes
+        used = n.held_bytes or n.weight_bytes + n.kv_bytes  # what the backend holds where it can tell (MLX, CUDA)
         isa = f" ({n.cpu_isa})" if n.cpu_isa else ""
         table.add_row(n.info.name, n.state, f"{n.info.backend}/{n.info.device}{isa}",
                       f"{fmt_bytes(used)} / {fmt_bytes(max(n.info.memory_free - used, 0))}", ranges(list(n.layers)) or "-",

@@ -67,6 +67,7 @@ class Scheduler:
     def cancel(self, req: Request) -> None:
         """Its consumer went away: the request is dropped before the next step."""
         req.cancelled = True
+        self.wake.set()
 
     def reset_caches(self) -> None:
         """The ring's shards are new and hold no caches: nothing to free, and every active request replays
@@ -88,6 +89,9 @@ class Scheduler:
             for r in [r for r in self.active if r.cancelled]:
                 self._drop(r)
             if not self.active:
+                if self.free:  # requests that ended or were cancelled: their caches go now, not with the next request
+                    await self._free_now()
+                    continue
                 self.wake.clear()
                 await self.wake.wait()
                 continue
@@ -107,6 +111,16 @@ class Scheduler:
                         self._finish(r, error=str(e))
                     continue
                 await self._sample(batch, hidden)
+
+    async def _free_now(self) -> None:
+        """A step with no tokens, carrying only the requests whose caches every stage drops."""
+        async with self.lock:
+            free, self.free = self.free, []
+            x = await asyncio.get_running_loop().run_in_executor(self.compute, self.head.embed, [])
+            try:
+                await self.forward([], x, free)
+            except (NodeLost, StepFailed):
+                pass  # the next plan's shards start without caches
 
     def _plan_step(self) -> list[tuple[Request, int]]:
         """(request, tokens from its first unfed position) for this step: decode tokens first, then prompt

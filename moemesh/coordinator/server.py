@@ -7,7 +7,7 @@ the plan is lost). It re-plans when a worker joins or is lost."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,7 +165,10 @@ class Coordinator:
                 await self.members.joined.wait()
 
 
-async def run_coordinator(opts: CoordinatorOptions, ui: UI | None = None) -> None:
+async def run_coordinator(opts: CoordinatorOptions, ui: UI | None = None,
+                          api: Callable[[Coordinator], Awaitable[None]] | None = None) -> None:
+    """Serve until a signal. `api(coordinator)`, when given, runs in this event loop from the start (so it can
+    answer while the cluster forms) until shutdown, when it is cancelled."""
     coordinator = Coordinator(opts, ui)
     ui = coordinator.ui
     server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -182,6 +185,7 @@ async def run_coordinator(opts: CoordinatorOptions, ui: UI | None = None) -> Non
     members = coordinator.members
     tasks: list[asyncio.Future] = []
     stop = stop_on_signals()
+    api_task = asyncio.ensure_future(api(coordinator)) if api else None
     try:
         if discovery is not None:
             await discovery.advertise(f"coordinator-{opts.name}-{coordinator.node_id}", coordinator.port, {
@@ -213,6 +217,9 @@ async def run_coordinator(opts: CoordinatorOptions, ui: UI | None = None) -> Non
     finally:
         for t in tasks:
             t.cancel()
+        if api_task is not None:
+            api_task.cancel()
+            await asyncio.gather(api_task, return_exceptions=True)
         await coordinator.ring.close()  # end our outgoing stream first: the first stage's handler then ends
         await server.stop(grace=1)
         if discovery is not None:
