@@ -124,15 +124,34 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 _SUPPORTED_TYPES = ("deepseek_v3", "kimi_k2")
 
 
-def _int_or(cfg: dict, key: str, default: int) -> int:
+def _int(cfg: dict, key: str, default: int | None = None) -> int:
+    """An integer field (an integral float like 7168.0 too); absent or null: `default`, or an error if required."""
     value = cfg.get(key)
-    return default if value is None else int(value)
+    if value is None:
+        if default is None:
+            raise ConfigError(f"config.json: required field '{key}' is missing")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ConfigError(f"config.json: '{key}' must be an integer, got {value!r}")
+    return int(value)
 
 
-def _require(cfg: dict, key: str) -> Any:
-    if cfg.get(key) is None:
-        raise ConfigError(f"config.json: required field '{key}' is missing")
-    return cfg[key]
+def _float(cfg: dict, key: str, default: float) -> float:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"config.json: '{key}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _bool(cfg: dict, key: str, default: bool) -> bool:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.json: '{key}' must be true or false, got {value!r}")
+    return value
 
 
 def _rope(cfg: dict) -> tuple[float, YarnScaling | None]:
@@ -145,7 +164,7 @@ def _rope(cfg: dict) -> tuple[float, YarnScaling | None]:
         return theta, None
     if kind != "yarn":
         raise ConfigError(f"config.json: rope type '{kind}' is not supported (DeepSeek-V3 uses 'yarn' or none)")
-    max_pos = _int_or(cfg, "max_position_embeddings", 4096)
+    max_pos = _int(cfg, "max_position_embeddings", 4096)
     original = int(params.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings") or max_pos)
     factor = params.get("factor")
     factor = float(factor) if factor is not None else max_pos / original
@@ -219,9 +238,10 @@ def _fp8_block(cfg: dict) -> tuple[int, int] | None:
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ConfigError(f"config.json: 'eos_token_id' must be a token id or a list of them, got {value!r}")
+    return tuple(values)
 
 
 def args_from_dict(cfg: dict) -> ModelArgs:
@@ -237,44 +257,44 @@ def args_from_dict(cfg: dict) -> ModelArgs:
         raise ConfigError(f"config.json: scoring_func '{cfg['scoring_func']}' is not supported (only 'sigmoid')")
     if cfg.get("topk_method", "noaux_tc") != "noaux_tc":
         raise ConfigError(f"config.json: topk_method '{cfg['topk_method']}' is not supported (only 'noaux_tc')")
-    if _int_or(cfg, "moe_layer_freq", 1) != 1:
+    if _int(cfg, "moe_layer_freq", 1) != 1:
         raise ConfigError("config.json: moe_layer_freq other than 1 is not supported")
-    heads = int(_require(cfg, "num_attention_heads"))  # num_key_value_heads plays no part in MLA
+    heads = _int(cfg, "num_attention_heads")  # num_key_value_heads plays no part in MLA
 
     theta, yarn = _rope(cfg)
-    n_routed = _int_or(cfg, "n_routed_experts", 0)
-    n_group = _int_or(cfg, "n_group", 1)
-    topk_group = _int_or(cfg, "topk_group", 1)
-    top_k = _int_or(cfg, "num_experts_per_tok", 0)
+    n_routed = _int(cfg, "n_routed_experts", 0)
+    n_group = _int(cfg, "n_group", 1)
+    topk_group = _int(cfg, "topk_group", 1)
+    top_k = _int(cfg, "num_experts_per_tok", 0)
     q_lora = cfg.get("q_lora_rank")
     args = ModelArgs(
-        vocab_size=int(_require(cfg, "vocab_size")),
-        hidden_size=int(_require(cfg, "hidden_size")),
-        intermediate_size=int(_require(cfg, "intermediate_size")),
-        num_hidden_layers=int(_require(cfg, "num_hidden_layers")),
+        vocab_size=_int(cfg, "vocab_size"),
+        hidden_size=_int(cfg, "hidden_size"),
+        intermediate_size=_int(cfg, "intermediate_size"),
+        num_hidden_layers=_int(cfg, "num_hidden_layers"),
         num_attention_heads=heads,
-        kv_lora_rank=int(_require(cfg, "kv_lora_rank")),
-        q_lora_rank=None if q_lora is None else int(q_lora),
-        qk_nope_head_dim=int(_require(cfg, "qk_nope_head_dim")),
-        qk_rope_head_dim=int(_require(cfg, "qk_rope_head_dim")),
-        v_head_dim=int(_require(cfg, "v_head_dim")),
-        moe_intermediate_size=_int_or(cfg, "moe_intermediate_size", 0),
+        kv_lora_rank=_int(cfg, "kv_lora_rank"),
+        q_lora_rank=None if q_lora is None else _int(cfg, "q_lora_rank"),
+        qk_nope_head_dim=_int(cfg, "qk_nope_head_dim"),
+        qk_rope_head_dim=_int(cfg, "qk_rope_head_dim"),
+        v_head_dim=_int(cfg, "v_head_dim"),
+        moe_intermediate_size=_int(cfg, "moe_intermediate_size", 0),
         n_routed_experts=n_routed,
-        n_shared_experts=_int_or(cfg, "n_shared_experts", 0),
+        n_shared_experts=_int(cfg, "n_shared_experts", 0),
         num_experts_per_tok=top_k,
         n_group=n_group,
         topk_group=topk_group,
-        first_k_dense_replace=_int_or(cfg, "first_k_dense_replace", 0),
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-        routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
-        rms_norm_eps=float(cfg.get("rms_norm_eps") or 1e-6),
-        max_position_embeddings=_int_or(cfg, "max_position_embeddings", 4096),
+        first_k_dense_replace=_int(cfg, "first_k_dense_replace", 0),
+        norm_topk_prob=_bool(cfg, "norm_topk_prob", True),
+        routed_scaling_factor=_float(cfg, "routed_scaling_factor", 1.0),
+        rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6),
+        max_position_embeddings=_int(cfg, "max_position_embeddings", 4096),
         rope_theta=theta,
         rope_scaling=yarn,
-        rope_interleave=bool(cfg.get("rope_interleave", True)),
-        attention_bias=bool(cfg.get("attention_bias", False)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        num_nextn_predict_layers=_int_or(cfg, "num_nextn_predict_layers", 0),
+        rope_interleave=_bool(cfg, "rope_interleave", True),
+        attention_bias=_bool(cfg, "attention_bias", False),
+        tie_word_embeddings=_bool(cfg, "tie_word_embeddings", False),
+        num_nextn_predict_layers=_int(cfg, "num_nextn_predict_layers", 0),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import uuid
 
-import numpy as np
 import torch
 
 from .. import __version__
@@ -46,7 +46,9 @@ def tensor_from(msg: pb.Tensor, device: str | torch.device = "cpu") -> torch.Ten
     if dtype is None:
         raise ProtocolError(f"received a tensor of unknown dtype '{msg.dtype}'")
     shape = tuple(msg.shape)
-    expected = int(np.prod(shape, dtype=np.int64)) * torch.tensor([], dtype=dtype).element_size()
+    if len(shape) > 8 or any(d < 0 for d in shape):
+        raise ProtocolError(f"received a tensor of impossible shape {list(shape)}")
+    expected = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()  # Python ints: no wrap-around
     if len(msg.data) != expected:
         raise ProtocolError(f"received {len(msg.data)} bytes for a {msg.dtype} tensor of shape {list(shape)} "
                             f"({expected} expected)")
