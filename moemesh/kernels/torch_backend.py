@@ -268,7 +268,7 @@ class TorchBackend:
     # ---- math
     def embed(self, table: torch.Tensor | AffineWeight, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(table, AffineWeight):  # mlx-lm quantizes the embedding too
-            args = kernel_args(table) if self.kernels is not None and ids.numel() <= DECODE_TOKENS else None
+            args = kernel_args(table) if self.kernels is not None and 0 < ids.numel() <= DECODE_TOKENS else None
             if args is not None:  # a decode step's few rows, dequantized in C++ (cheaper than torch's ops)
                 return torch.cat([self.kernels.dequantize_q(args, i, i + 1) for i in ids.tolist()])
             return affine_embed(table, ids, self.dtype)
