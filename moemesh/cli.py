@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from . import builtin_model
 from .coordinator.cli import app as coordinator_app
 from .coordinator.cli import print_status, resolve
 from .spec.units import fmt_bytes
@@ -77,7 +78,8 @@ def report_local(engine, save_routing: Path | None = None) -> None:
 
 @app.command()
 def generate(
-    model: Path = typer.Option(None, "--model", "-m", help="Checkpoint directory (config.json, *.safetensors, tokenizer.json)."),
+    model: Path = typer.Option(None, "--model", "-m", help="Checkpoint directory (config.json, *.safetensors, "
+                                                          "tokenizer.json); default: the built-in model."),
     cluster: str = typer.Option(None, help="Generate on a cluster: the coordinator's HOST:PORT, or 'auto' to find it by mDNS."),
     prompt: str = typer.Option(..., "--prompt", "-p"),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
@@ -100,8 +102,8 @@ def generate(
     from .model.checkpoint import CheckpointError
     from .model.generate import SPECULATIVE
 
-    if (model is None) == (cluster is None):
-        raise typer.BadParameter("give either --model DIR (this machine) or --cluster HOST:PORT")
+    if model is not None and cluster is not None:
+        raise typer.BadParameter("give either --model DIR (this machine) or --cluster HOST:PORT, not both")
     if speculative not in SPECULATIVE:
         raise typer.BadParameter(f"--speculative must be one of {', '.join(SPECULATIVE)}")
     try:
@@ -112,47 +114,94 @@ def generate(
                 stream_text(remote, prompt, chat, max_tokens, temperature, top_p, top_k, seed, stop, speculative)
                 print_status(remote.status())
             return
-        engine = load_with_progress(model, backend, dtype, device)
+        engine = load_with_progress(model or builtin_model(), backend, dtype, device)
         stream_text(engine, prompt, chat, max_tokens, temperature, top_p, top_k, seed, stop, speculative)
         report_local(engine, save_routing)
-    except (CheckpointError, ValueError, ConnectionError, RuntimeError) as e:
+    except (CheckpointError, ValueError, ConnectionError, RuntimeError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint directory (config.json, *.safetensors, tokenizer.json)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    api_key: str = typer.Option(None, envvar="MOEMESH_API_KEY", help="Require 'Authorization: Bearer KEY' on every "
+                                                                    "route but /health and the dashboard page."),
+    max_requests: int = typer.Option(64, min=1, help="Completions in flight and waiting; more get 429."),
+    backend: str = typer.Option("torch"),
+    dtype: str = typer.Option("bfloat16", help="Compute dtype: bfloat16, float16 or float32 (FP8 weights stay FP8)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    speculative: str = typer.Option("auto", help="Requests' MTP speculation: mtp, off, or auto (mtp where the "
+                                                 "checkpoint has MTP weights)."),
+) -> None:
+    """Serve a model on this machine, no cluster: the OpenAI-compatible HTTP API, /metrics and the dashboard."""
+    import asyncio
+
+    from .api.app import ApiOptions, serve_api
+    from .api.serving import LocalServing
+    from .model.checkpoint import CheckpointError
+    from .model.generate import SPECULATIVE
+    from .process import stop_on_signals
+
+    if speculative not in SPECULATIVE:
+        raise typer.BadParameter(f"--speculative must be one of {', '.join(SPECULATIVE)}")
+
+    async def run(engine) -> None:
+        local = LocalServing(engine, model, speculative)
+        tasks = [asyncio.ensure_future(local.run()),
+                 asyncio.ensure_future(serve_api(local.served, ApiOptions(host, port, api_key, max_requests),
+                                                 console.print))]
+        stop = asyncio.ensure_future(stop_on_signals().wait())
+        done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+        for t in [*tasks, stop]:
+            t.cancel()
+        await asyncio.gather(*tasks, stop, return_exceptions=True)
+        for t in done:
+            if t is not stop and t.exception() is not None:
+                raise t.exception()
+
+    try:
+        engine = load_with_progress(model, backend, dtype, device)
+        asyncio.run(run(engine))
+    except (CheckpointError, ValueError, OSError) as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(1) from None
 
 
 @app.command()
 def demo(
-    prompt: str = typer.Option("Tell me about mixture-of-experts models.", "--prompt", "-p"),
-    max_tokens: int = typer.Option(48, "--max-tokens", "-n", min=1),
+    prompt: str = typer.Option("def fibonacci(n):\n", "--prompt", "-p", help="Python source to continue."),
+    max_tokens: int = typer.Option(64, "--max-tokens", "-n", min=1),
     workers: int = typer.Option(3, min=1, max=8, help="Local worker processes."),
     local: bool = typer.Option(False, help="One process, no cluster."),
     dtype: str = typer.Option("bfloat16"),
 ) -> None:
-    """The built-in default model end to end, no download: a coordinator and local workers on 127.0.0.1."""
-    from .demo import ensure_demo_checkpoint
+    """The built-in model end to end, no download: a coordinator and local workers on 127.0.0.1 complete a
+    piece of Python (greedy, with MTP speculative decoding)."""
     from .launch import LocalCluster
 
-    path, built = ensure_demo_checkpoint()
+    path = builtin_model()
     console.print(
-        f"[bold]moemesh demo[/]: {'built' if built else 'using'} the built-in demo checkpoint at {path} — a small "
-        "DeepSeek-V3-architecture model (MLA, 32 routed experts + 1 shared, YaRN rope, MTP layer) with random "
-        "weights, made on this machine. Its text is gibberish; the point is the whole path working.")
+        f"[bold]moemesh demo[/]: the built-in model ({path}) — a small DeepSeek-V3-architecture model (MLA, YaRN "
+        "rope, routed + shared experts, an MTP layer) trained on the Python standard library by `moemesh train-demo`. "
+        "It continues Python code.")
     if local:
         engine = load_with_progress(path, "torch", dtype, "cpu")
-        stream_text(engine, prompt, True, max_tokens, 0.8, 0.95, 0, 0, speculative="off")
+        stream_text(engine, prompt, False, max_tokens)
         report_local(engine)
         return
     with tempfile.TemporaryDirectory(prefix="moemesh-demo-") as logs:
         console.print(f"starting a coordinator and {workers} workers on 127.0.0.1 (separate processes; logs in {logs})")
-        # Random MTP weights never draft a token the model keeps: speculation would only cost a position a step.
-        cluster = LocalCluster(path, workers, Path(logs), ["--split", "even", "--dtype", dtype, "--speculative", "off"])
+        cluster = LocalCluster(path, workers, Path(logs), ["--split", "even", "--dtype", dtype])
         try:
             with Progress(TextColumn("{task.description}"), console=console, transient=True) as bar:
                 bar.add_task("workers joining, profiling, loading their layers (the first run also builds the CPU kernels)")
                 model = cluster.wait_ready(nodes=workers)
             console.print("[bold]the plan:[/]")
             print_status(model.status())
-            stream_text(model, prompt, True, max_tokens, 0.8, 0.95, 0, 0)
+            stream_text(model, prompt, False, max_tokens)
             s = model.status()
             console.print(f"[dim]per-hop latency of a decode step's hidden state: median {s.hop_ms_median:.2f} ms, "
                           f"p99 {s.hop_ms_p99:.2f} ms over {len(s.nodes) + 1} hops per step[/]")
@@ -162,6 +211,37 @@ def demo(
             raise typer.Exit(1) from None
         finally:
             cluster.close()
+
+
+@app.command("train-demo")
+def train_demo(
+    minutes: float = typer.Option(25.0, min=0.1, help="Wall-clock training budget."),
+    out: Path = typer.Option(Path("moemesh-demo-model"), help="Directory for the trained checkpoint."),
+    seed: int = typer.Option(0, help="Seeds the corpus split, the initial weights and the batches."),
+    weight_format: str = typer.Option("bf16", "--format", help="bf16, or fp8 (the official 128x128 block format)."),
+) -> None:
+    """Train the built-in model: a small DeepSeek-V3 (MLA, YaRN, grouped sigmoid routing, MTP) on this Python's
+    standard library sources, on the CPU, with its own tokenizer; written as a Hugging Face checkpoint."""
+    from .train.run import Settings, train
+
+    settings = Settings(minutes=minutes, seed=seed, weight_format=weight_format)
+    command = f"moemesh train-demo --minutes {minutes:g} --seed {seed} --format {weight_format}"
+    columns = (TextColumn("[bold]training[/] step {task.fields[step]}"), BarColumn(),
+               TextColumn("loss {task.fields[loss]:.3f} | {task.fields[tps]:.0f} tokens/s"), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("", total=1.0, step=0, loss=float("nan"), tps=0.0)
+
+        def report(step: int, loss: float, tokens_per_s: float, done: float) -> None:
+            bar.update(task, completed=done, step=step, loss=loss, tps=tokens_per_s)
+            if not console.is_terminal and step % 10 == 0:  # a log file gets a line now and then
+                console.print(f"step {step}: loss {loss:.3f}, {tokens_per_s:.0f} tokens/s, {100 * min(done, 1):.0f}% of budget")
+
+        try:
+            train(out, settings, report, log=console.print, command=command)
+        except ValueError as e:
+            console.print(f"[red]error:[/] {e}")
+            raise typer.Exit(1) from None
+    console.print(f"wrote {out} (model card: {out / 'README.md'})")
 
 
 @app.command()

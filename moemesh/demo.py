@@ -1,20 +1,16 @@
-"""The built-in default model: a small DeepSeek-V3-architecture checkpoint with random weights, built
-locally (no download) in the published repositories' layout — sharded safetensors with an index,
-`rope_scaling` of type yarn, an MTP layer, and a byte-level BPE tokenizer with a chat template.
-Its text is gibberish: it exists to show the whole path working, not to answer questions."""
+"""A small DeepSeek-V3-architecture checkpoint with random weights, for the tests and benchmarks: written in
+the published repositories' layout (sharded safetensors with an index, `rope_scaling` of type yarn, an MTP
+layer) with a byte-level BPE tokenizer and a chat template. Its text is gibberish; the built-in model that
+answers (`moemesh.builtin_model()`) is trained by `moemesh train-demo` (moemesh/train/)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from .spec.config import args_from_dict
 from .spec.layout import block_shapes, head_shapes, layer_prefix, mtp_head_shapes
-
-DEMO_VERSION = 1
-BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+from .train.data import SPECIAL_TOKENS, tokenizer_config
 
 DEMO_CONFIG = {
     "architectures": ["DeepseekV3ForCausalLM"],
@@ -56,13 +52,6 @@ DEMO_CONFIG = {
     "torch_dtype": "bfloat16",
 }
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
-    "{% elif m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
-    "{% else %}" + ASSISTANT + "{{ m['content'] }}" + EOS + "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
-)
-
 # What the demo tokenizer learns its merges from.
 CORPUS = """\
 moemesh runs mixture-of-experts language models across the machines people already own: Mac minis,
@@ -74,29 +63,22 @@ The quick brown fox jumps over the lazy dog. Hello, world! How are you today? I 
 """
 
 
-def default_demo_dir() -> Path:
-    cache = Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh"))
-    return cache / f"demo-v{DEMO_VERSION}"
-
-
 def _tokenizer(vocab_size: int) -> tuple[object, dict]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, USER, ASSISTANT],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([CORPUS], trainer)
-    config = {"bos_token": BOS, "eos_token": EOS, "add_bos_token": True, "add_eos_token": False,
-              "chat_template": CHAT_TEMPLATE, "model_max_length": DEMO_CONFIG["max_position_embeddings"]}
-    return tok, config
+    return tok, tokenizer_config(DEMO_CONFIG["max_position_embeddings"])
 
 
 def write_random_checkpoint(path: Path, config: dict, seed: int = 0, shards: int = 2) -> Path:
     """A checkpoint of `config` with random weights (normal, std 0.02; unit norms; float32 router), written
     as `shards` safetensors files plus an index, with the demo tokenizer when the vocabulary fits."""
-    import torch  # here, not at the top: finding the built checkpoint (`moemesh demo`) needs no torch
+    import torch
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
@@ -145,16 +127,3 @@ def build_demo_checkpoint(path: Path, seed: int = 0) -> Path:
     """Write the demo checkpoint to `path`; its vocabulary is as many tokens as the tokenizer learned."""
     tok, _ = _tokenizer(DEMO_CONFIG["vocab_size"])
     return write_random_checkpoint(path, DEMO_CONFIG | {"vocab_size": tok.get_vocab_size()}, seed)
-
-
-def ensure_demo_checkpoint(path: Path | None = None) -> tuple[Path, bool]:
-    """The demo checkpoint directory, building it if needed; returns (path, built_now)."""
-    path = path or default_demo_dir()
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
-        return path, False
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted build
-    build_demo_checkpoint(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path, True

@@ -16,6 +16,7 @@ ALLOWED = {
     "placement": {"spec"},
     "transport": {"spec"},
     "model": {"spec", "kernels"},
+    "train": {"spec", "kernels"},
     "worker": {"spec", "kernels", "model", "transport", "process"},
     "coordinator": {"spec", "kernels", "model", "transport", "placement", "process"},
     "process": set(),
