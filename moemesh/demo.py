@@ -11,45 +11,13 @@ from pathlib import Path
 from .spec.config import args_from_dict
 from .spec.layout import block_shapes, head_shapes, layer_prefix, mtp_head_shapes
 from .train.data import SPECIAL_TOKENS, tokenizer_config
+from .train.run import TRAIN_CONFIG
 
-DEMO_CONFIG = {
-    "architectures": ["DeepseekV3ForCausalLM"],
-    "model_type": "deepseek_v3",
-    "vocab_size": 1024,
-    "hidden_size": 256,
-    "intermediate_size": 768,
-    "moe_intermediate_size": 128,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 8,
-    "q_lora_rank": 192,
-    "kv_lora_rank": 128,
-    "qk_nope_head_dim": 32,
-    "qk_rope_head_dim": 16,
-    "v_head_dim": 32,
-    "n_routed_experts": 32,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 4,
-    "n_group": 4,
-    "topk_group": 2,
-    "first_k_dense_replace": 1,
-    "moe_layer_freq": 1,
-    "norm_topk_prob": True,
-    "routed_scaling_factor": 2.5,
-    "scoring_func": "sigmoid",
-    "topk_method": "noaux_tc",
-    "hidden_act": "silu",
-    "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 4096,
-    "rope_theta": 10000,
-    "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024, "beta_fast": 32,
-                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-    "num_nextn_predict_layers": 1,
-    "tie_word_embeddings": False,
-    "attention_bias": False,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "torch_dtype": "bfloat16",
+# The built-in model's architecture with more experts and layers: the random checkpoint tests and benchmarks build.
+DEMO_CONFIG = TRAIN_CONFIG | {
+    "vocab_size": 1024, "intermediate_size": 768, "num_hidden_layers": 6,
+    "num_attention_heads": 8, "num_key_value_heads": 8, "q_lora_rank": 192, "kv_lora_rank": 128,
+    "moe_intermediate_size": 128, "n_routed_experts": 32,
 }
 
 # What the demo tokenizer learns its merges from.

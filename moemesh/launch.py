@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .process import LIFELINE_FD, parent_death_signal
+from .process import LIFELINE_FD
 
 if TYPE_CHECKING:
     from .client import ClusterModel
@@ -37,11 +37,10 @@ class LocalCluster:
         # Idle OpenMP threads spin ~300k iterations before sleeping (libgomp's default): fine for one process
         # per machine, but processes sharing cores then steal them from each other on every step.
         self.env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "GOMP_SPINCOUNT": "10000"} | (env or {})
-        # The children must not outlive this process: on Linux the kernel sends them SIGTERM when the thread that
-        # started them exits (so start them from one that lives as long as the cluster); everywhere, each watches
-        # a pipe whose write end only this process holds (moemesh.process.stop_on_signals).
+        # The children must not outlive this process: each watches a pipe whose write end only this process holds
+        # (moemesh.process.stop_on_signals). No preexec_fn: it would run Python's fork handlers in the child, and
+        # gRPC's, with this process's channels open, can kill the child before it execs.
         self._lifeline, self._lifeline_w = os.pipe()
-        self._preexec = parent_death_signal()
         mdns_args = ["--mdns-interface", host] if mdns else ["--no-mdns"]
         self.start("coordinator", [*prefix, sys.executable, "-m", "moemesh.cli", "coordinator", "start", "--model",
                                    str(model), "--host", host, "--port", str(self.port), "--expect", str(workers),
@@ -58,8 +57,7 @@ class LocalCluster:
         log = open(self.logdir / f"{name}.log", "w")
         self.logs.append(log)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=(env or self.env) | {LIFELINE_FD: str(self._lifeline)}, pass_fds=(self._lifeline,),
-                                preexec_fn=self._preexec)
+                                env=(env or self.env) | {LIFELINE_FD: str(self._lifeline)}, pass_fds=(self._lifeline,))
         self.procs[name] = proc
         return proc
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable
 
 # Set by LocalCluster in the processes it starts: a pipe's read end whose write end only the launcher holds, so
 # that it reads end-of-file once the launcher is gone, however it died.
 LIFELINE_FD = "MOEMESH_LIFELINE_FD"
 LIFELINE_GRACE_S = 5.0  # an orderly stop that takes longer than this after the launcher is gone is cut short
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -39,14 +36,3 @@ def _watch_lifeline(fd: int, loop: asyncio.AbstractEventLoop, stop: asyncio.Even
         pass
     time.sleep(LIFELINE_GRACE_S)
     os._exit(1)
-
-
-def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
-    """A `preexec_fn` that has the kernel send `sig` to the child when the thread that started it exits
-    (Linux's PR_SET_PDEATHSIG), or None elsewhere. libc is looked up here, before the fork: the child only calls it."""
-    if sys.platform != "linux":
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return lambda: prctl(PR_SET_PDEATHSIG, sig)

@@ -1,5 +1,5 @@
-"""A local cluster's processes end with the process that launched them, however it ends: by the kernel's
-parent-death signal on Linux, and everywhere by the launcher's pipe closing."""
+"""A local cluster's processes end with the process that launched them, however it ends: the launcher's pipe
+closes and each of them stops."""
 
 import json
 import os
@@ -23,15 +23,6 @@ from moemesh.launch import LocalCluster
 cluster = LocalCluster(Path(sys.argv[1]), 2, Path(sys.argv[2]), ["--split", "even", "--dtype", "float32"])
 cluster.wait_ready(nodes=2, timeout=150)
 print(json.dumps({name: proc.pid for name, proc in cluster.procs.items()}), flush=True)
-sys.stdin.read()  # until it is killed
-"""
-
-STARTER = """
-import subprocess, sys
-from moemesh.process import parent_death_signal
-
-child = subprocess.Popen(["sleep", "120"], start_new_session=True, preexec_fn=parent_death_signal())
-print(child.pid, flush=True)
 sys.stdin.read()  # until it is killed
 """
 
@@ -88,19 +79,6 @@ def test_cluster_processes_end_with_a_killed_launcher(tmp_path):
         assert wait_gone(pids, 15) == [], "the coordinator or a worker outlived its launcher"
     finally:
         kill_all([launcher], pids)
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
-def test_parent_death_signal_ends_the_child():
-    starter = start(STARTER)
-    pids: list[int] = []
-    try:
-        pids = [int(first_line(starter, 30))]
-        starter.kill()
-        starter.wait(10)
-        assert wait_gone(pids, 5) == []
-    finally:
-        kill_all([starter], pids)
 
 
 def test_a_closed_lifeline_stops_the_process():
